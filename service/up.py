@@ -68,7 +68,8 @@ def run_up(settings: Settings, embedded: str, with_ui: bool, with_worker: bool, 
                 say(f"embedded {' and '.join(backends.embedded)} under {settings.data_dir}")
             asyncio.run(_migrate(backends.database_url))
             env = {**os.environ, **backends.env()}
-            wanted = [("api", "serve"), ("worker", "worker") if with_worker else None, ("ui", "ui") if with_ui else None]
+            wanted = [("api", "serve"), ("worker", "worker") if with_worker else None,
+                      ("ui", "ui") if with_ui else None]
             children: dict[str, subprocess.Popen] = {}
             try:  # the children stop before the backends they use
                 for name, command in filter(None, wanted):

@@ -7,6 +7,7 @@ Redis client, advertises itself with a heartbeat key and stops cleanly on SIGTER
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -41,15 +42,11 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
                 await redis.set(heartbeat_key, "alive", ex=max(1, int(interval * 3)))
             except (OSError, aioredis.RedisError) as exc:  # Redis down: keep running, it holds nothing we need
                 log.warning("heartbeat failed: %s", exc)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval)
-            except TimeoutError:
-                pass
     finally:
-        try:
+        with contextlib.suppress(OSError, aioredis.RedisError):
             await redis.delete(heartbeat_key)
-        except (OSError, aioredis.RedisError):
-            pass
         await redis.aclose()
         await pool.close()
         log.info("worker %s stopped", worker_id())
