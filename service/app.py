@@ -1,7 +1,8 @@
 """create_app(settings) -> Litestar: wiring and lifespan only.
 
-Resources (asyncpg pool, Redis client) open in the lifespan and live on ``app.state``; features add their routers
-here. Liveness (`/health`) answers without touching anything; readiness (`/ready`) checks what a request needs.
+Resources (asyncpg pool, Redis client, engine) open in the lifespan and live on ``app.state``, with the feature
+services built on them. Liveness (`/health`) answers without touching anything; readiness (`/ready`) checks what a
+request needs; `/metrics` is Prometheus text.
 """
 
 from __future__ import annotations
@@ -12,11 +13,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
-from litestar import Litestar, Response, get
+from litestar import Litestar, MediaType, Response, get
 from litestar.datastructures import State
+from litestar.di import Provide
 
 from service import db
+from service.adapters.service import AdapterService
+from service.auth import authenticate, hash_key
+from service.chat.routes import ConversationController, OpenAIController
+from service.chat.service import ChatService
+from service.engine import create_engine
 from service.errors import exception_handlers
+from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,8 +52,17 @@ async def ready(state: State) -> Response[dict]:
         checks["redis"] = "ok"
     except Exception as exc:  # noqa: BLE001
         checks["redis"] = f"error: {type(exc).__name__}"
+    health = state.engine.health()
+    checks["engine"] = "ok" if health.ok else f"error: {health.detail or 'not running'}"
     ok = all(v == "ok" for v in checks.values())
-    return Response({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
+    body = {"status": "ready" if ok else "not ready", "checks": checks, "model": health.model,
+            "loaded_adapters": health.loaded_adapters}
+    return Response(body, status_code=200 if ok else 503)
+
+
+@get("/metrics", media_type=MediaType.TEXT)
+async def metrics(state: State) -> Response:
+    return Response(state.metrics.render(state.engine), media_type="text/plain; version=0.0.4")
 
 
 async def open_database(settings: Settings):
@@ -59,20 +76,39 @@ async def open_database(settings: Settings):
     return pool
 
 
+async def register_admin_key(pool, settings: Settings) -> None:
+    """FLYWHEEL_ADMIN_KEY becomes a key row (once), so its requests have an owner like any other."""
+    if settings.auth.admin_key:
+        await pool.execute(
+            "INSERT INTO api_keys (name, role, key_hash, key_prefix) VALUES ('bootstrap-admin', 'admin', $1, $2) "
+            "ON CONFLICT (key_hash) DO NOTHING", hash_key(settings.auth.admin_key), settings.auth.admin_key[:8])
+
+
 def create_app(settings: Settings) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        app.state.settings = settings
-        app.state.pool = await open_database(settings)
-        app.state.redis = aioredis.from_url(settings.redis_url)
+        state = app.state
+        state.settings = settings
+        state.metrics = Metrics()
+        state.pool = await open_database(settings)
+        state.redis = aioredis.from_url(settings.redis_url)
+        state.engine = create_engine(settings)
         try:
+            await register_admin_key(state.pool, settings)
+            await state.engine.start()
+            state.adapters = AdapterService(state.pool, state.engine, settings)
+            await state.adapters.reconcile()
+            state.chat = ChatService(state.pool, state.redis, state.engine, state.adapters, settings, state.metrics)
+            log.info("serving %s with the %s engine", settings.base_model, settings.engine.engine)
             yield
         finally:
-            await app.state.redis.aclose()
-            await app.state.pool.close()
+            await state.engine.stop()
+            await state.redis.aclose()
+            await state.pool.close()
 
     return Litestar(
-        route_handlers=[health, ready],
+        route_handlers=[health, ready, metrics, OpenAIController, ConversationController],
+        dependencies={"caller": Provide(authenticate)},
         lifespan=[lifespan],
         exception_handlers=exception_handlers,
         debug=False,

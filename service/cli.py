@@ -24,6 +24,8 @@ app = typer.Typer(help="Flywheel: a chat service whose model learns from its use
                   pretty_exceptions_enable=False, add_completion=False)
 model_app = typer.Typer(help="Base model files.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 out = Console()
 err = Console(stderr=True)
@@ -80,8 +82,7 @@ def migrate(as_json: JsonOption = False) -> None:
 
         conn = await asyncpg.connect(settings().database_url)
         try:
-            applied = await db.migrate(conn)
-            return applied, await db.schema_version(conn)
+            return await db.migrate(conn), await db.schema_version(conn)
         finally:
             await conn.close()
 
@@ -110,6 +111,71 @@ def fetch_default(
         out.print_json(json.dumps({"path": str(target), **manifest}))
     else:
         out.print(str(target))
+
+
+async def _with_database(work):
+    """Run ``work(conn)`` on a migrated database."""
+    import asyncpg
+
+    from service import db
+
+    s = settings()
+    await db.ensure_database(s.database_url)
+    conn = await asyncpg.connect(s.database_url)
+    try:
+        if s.db.auto_migrate:
+            await db.migrate(conn)
+        return await work(conn)
+    finally:
+        await conn.close()
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="Who or what the key is for.")],
+    role: Annotated[str, typer.Option(help="user, operator or admin.")] = "user",
+    as_json: JsonOption = False,
+) -> None:
+    """Create an API key and print it (alone, on the last line); it cannot be shown again."""
+    from service.auth import Role, create_key
+
+    if role not in Role.__members__:
+        raise typer.BadParameter("must be user, operator or admin", param_hint="--role")
+    if not name.strip():
+        raise typer.BadParameter("must not be empty", param_hint="--name")
+    key_id, key = run_async(_with_database(lambda conn: create_key(conn, name.strip(), Role[role])))
+    if as_json:
+        out.print_json(json.dumps({"id": key_id, "name": name, "role": role, "key": key}))
+    else:
+        err.print(f"created key {key_id} ({role}) for {name}; store it now, it is not shown again:")
+        print(key)
+
+
+@keys_app.command("list")
+def keys_list(as_json: JsonOption = False) -> None:
+    """List API keys (never the keys themselves)."""
+    from service.auth import list_keys
+
+    rows = run_async(_with_database(list_keys))
+    if as_json:
+        out.print_json(json.dumps(rows, default=str))
+        return
+    table = Table("id", "name", "role", "prefix", "created", "revoked", "flagged")
+    for r in rows:
+        table.add_row(str(r["id"]), r["name"], r["role"], r["key_prefix"], f"{r['created_at']:%Y-%m-%d %H:%M}",
+                      f"{r['revoked_at']:%Y-%m-%d %H:%M}" if r["revoked_at"] else "",
+                      f"{r['flagged_at']:%Y-%m-%d}" if r["flagged_at"] else "")
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[int, typer.Argument(help="The key's id (see `flywheel keys list`).")]) -> None:
+    """Revoke a key: it stops working at once."""
+    from service.auth import revoke_key
+
+    if not run_async(_with_database(lambda conn: revoke_key(conn, key_id))):
+        raise CommandError(f"no active key with id {key_id}")
+    out.print(f"revoked key {key_id}")
 
 
 @app.command()

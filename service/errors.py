@@ -6,6 +6,7 @@ error body on ``/v1`` routes and RFC 9457 problem details elsewhere. Handlers ne
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -51,12 +52,13 @@ class Unavailable(AppError):
 
 
 def _respond(request: Request, status: int, code: str, detail: str, field: str | None, extra: dict) -> Response:
+    headers = {"Retry-After": str(extra["retry_after"])} if "retry_after" in extra else None
     if request.url.path.startswith("/v1/"):
         body = {"error": {"message": detail, "type": code, "param": field, "code": status, **extra}}
-        return Response(body, status_code=status, media_type=MediaType.JSON)
+        return Response(body, status_code=status, media_type=MediaType.JSON, headers=headers)
     body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail,
             "code": code, **({"field": field} if field else {}), **extra}
-    return Response(body, status_code=status, media_type="application/problem+json")
+    return Response(body, status_code=status, media_type="application/problem+json", headers=headers)
 
 
 def _app_error(request: Request, exc: AppError) -> Response:
@@ -65,9 +67,13 @@ def _app_error(request: Request, exc: AppError) -> Response:
 
 def _validation_error(request: Request, exc: ValidationException) -> Response:
     # Litestar lists the offending fields in ``extra``; name the first so a client knows what to fix.
-    problems = exc.extra if isinstance(exc.extra, list) else []
-    field = next((p.get("key") for p in problems if isinstance(p, dict) and p.get("key")), None)
-    message = next((p.get("message") for p in problems if isinstance(p, dict) and p.get("message")), exc.detail)
+    problems = [p for p in exc.extra if isinstance(p, dict)] if isinstance(exc.extra, list) else []
+    first = problems[0] if problems else {}
+    field, message = first.get("key"), first.get("message", exc.detail)
+    unknown = re.search(r"unknown field `([^`]+)`", str(message))
+    if unknown:  # name the offending field itself, not the object holding it ("data" is the whole body)
+        field = unknown.group(1) if field in (None, "data") else f"{field}.{unknown.group(1)}"
+        message = "is not a supported field"
     detail = f"{field}: {message}" if field else str(message)
     return _respond(request, 400, "invalid_request", detail, field, {"errors": problems} if problems else {})
 

@@ -81,6 +81,7 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True):
         int, _doc("Cap on adapters held in memory (least recently used beyond it; production and canary stay).", ge=1)
     ] = 8
     max_tokens_default: Annotated[int, _doc("Completion length when a request names none.", ge=1)] = 512
+    max_queued: Annotated[int, _doc("Requests that may wait for a batch slot before new ones get 503.", ge=1)] = 256
 
 
 class TrainingSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -119,6 +120,12 @@ class AuthSettings(msgspec.Struct, frozen=True, kw_only=True):
         _doc("A bootstrap admin API key (16+ characters) accepted besides the keys in the database; keep it secret."),
     ] = None
     rate_limit_per_min: Annotated[int, _doc("Requests per minute per API key; 0 disables the limit.", ge=0)] = 120
+    tokens_per_min: Annotated[
+        int, _doc("Generated tokens per minute per API key; 0 disables the limit.", ge=0)
+    ] = 20000
+    max_messages: Annotated[int, _doc("Most messages one chat request may carry.", ge=1)] = 200
+    max_message_chars: Annotated[int, _doc("Longest message content accepted, in characters.", ge=1)] = 32000
+    max_tokens_limit: Annotated[int, _doc("Largest max_tokens a request may ask for.", ge=1)] = 4096
 
 
 class ServerSettings(msgspec.Struct, frozen=True, kw_only=True):

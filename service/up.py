@@ -16,11 +16,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import asyncpg
 import httpx
 
 from service import db
+from service.auth import Role, create_key, key_is_valid
 from service.embedded import Backends
 from service.settings import DEFAULT_MODEL_NAME, Settings
 
@@ -28,13 +30,21 @@ START_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 30
 
 
-async def _migrate(url: str) -> None:
+async def _prepare_database(url: str, key_file: Path) -> str:
+    """Migrate, and return the development admin key kept in ``key_file`` (made on first start)."""
     await db.ensure_database(url)
     conn = await asyncpg.connect(url)
     try:
         await db.migrate(conn)
+        if key_file.is_file() and await key_is_valid(conn, key := key_file.read_text().strip()):
+            return key
+        _, key = await create_key(conn, "flywheel-up admin", Role.admin)
     finally:
         await conn.close()
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.touch(mode=0o600)
+    key_file.write_text(key + "\n")
+    return key
 
 
 def _healthy(url: str) -> bool:
@@ -66,7 +76,7 @@ def run_up(settings: Settings, embedded: str, with_ui: bool, with_worker: bool, 
         with Backends(settings, embedded) as backends:
             if backends.embedded:
                 say(f"embedded {' and '.join(backends.embedded)} under {settings.data_dir}")
-            asyncio.run(_migrate(backends.database_url))
+            admin_key = asyncio.run(_prepare_database(backends.database_url, settings.data_dir / "admin-key"))
             env = {**os.environ, **backends.env()}
             wanted = [("api", "serve"), ("worker", "worker") if with_worker else None,
                       ("ui", "ui") if with_ui else None]
@@ -76,7 +86,7 @@ def run_up(settings: Settings, embedded: str, with_ui: bool, with_worker: bool, 
                     # Own process group: Ctrl-C reaches only us, and we stop the children in order.
                     children[name] = subprocess.Popen([sys.executable, "-m", "service.cli", command], env=env,
                                                       process_group=0)
-                return _supervise(settings, children, with_ui, started, lambda: stopping, say)
+                return _supervise(settings, children, with_ui, started, lambda: stopping, say, admin_key)
             finally:
                 _stop_children(children)
     finally:
@@ -84,7 +94,7 @@ def run_up(settings: Settings, embedded: str, with_ui: bool, with_worker: bool, 
             signal.signal(sig, handler)
 
 
-def _supervise(settings, children, with_ui, started, stopping, say) -> int:
+def _supervise(settings, children, with_ui, started, stopping, say, admin_key: str) -> int:
     probes = {"api": f"{settings.api_url}/health"}
     if with_ui:
         probes["ui"] = f"http://127.0.0.1:{settings.server.ui_port}/"
@@ -93,6 +103,7 @@ def _supervise(settings, children, with_ui, started, stopping, say) -> int:
         return status
     urls = f"API {settings.api_url}" + (f", UI http://127.0.0.1:{settings.server.ui_port}" if with_ui else "")
     say(f"Flywheel is up in {time.monotonic() - started:.1f} s: {urls}. Ctrl-C stops it.")
+    say(f"Admin API key (kept in {settings.data_dir / 'admin-key'}): {admin_key}")
     while not stopping():
         for name, child in children.items():
             if child.poll() is not None:

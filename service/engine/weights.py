@@ -170,7 +170,9 @@ def load_pretrained(path: str, device: str = "cpu", dtype: str = "float32"):
     """(model, tokenizer) from a local folder or hub id, in eval mode, tokenizer padded on the left for batching."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per load clutters service logs
     if Path(path).is_absolute() and not Path(path).is_dir():
         raise ModelError(f"base model folder {path} does not exist; run `flywheel model fetch-default` "
                          "or set FLYWHEEL_BASE_MODEL")
