@@ -39,6 +39,7 @@ class Caller:
     key_id: int
     name: str
     role: Role
+    key_hash: str  # identifies the key in Redis: ids repeat across databases sharing one Redis
 
     def require(self, role: Role) -> None:
         if self.role < role:
@@ -90,7 +91,7 @@ async def authenticate(request: Request, state: State) -> Caller:
         "SELECT id, name, role FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", hash_key(key.strip()))
     if row is None:
         raise Unauthorized("this API key is unknown or revoked")
-    caller = Caller(row["id"], row["name"], Role[row["role"]])
+    caller = Caller(row["id"], row["name"], Role[row["role"]], hash_key(key.strip()))
     await check_rate(state.redis, state.settings, caller)
     return caller
 
@@ -106,7 +107,7 @@ async def check_rate(redis: aioredis.Redis, settings: Settings, caller: Caller) 
     if not (limits.rate_limit_per_min or limits.tokens_per_min):
         return
     window, retry_after = _window()
-    who = caller.key_id
+    who = caller.key_hash[:24]
     try:
         async with redis.pipeline(transaction=True) as pipe:
             pipe.incr(f"flywheel:rate:req:{who}:{window}")
@@ -128,7 +129,7 @@ async def record_tokens(redis: aioredis.Redis, caller: Caller, tokens: int) -> N
     if tokens <= 0:
         return
     window, _ = _window()
-    who = caller.key_id
+    who = caller.key_hash[:24]
     try:
         async with redis.pipeline(transaction=True) as pipe:
             pipe.incrby(f"flywheel:rate:tok:{who}:{window}", tokens)

@@ -70,10 +70,10 @@ def _validation_error(request: Request, exc: ValidationException) -> Response:
     problems = [p for p in exc.extra if isinstance(p, dict)] if isinstance(exc.extra, list) else []
     first = problems[0] if problems else {}
     field, message = first.get("key"), first.get("message", exc.detail)
-    unknown = re.search(r"unknown field `([^`]+)`", str(message))
-    if unknown:  # name the offending field itself, not the object holding it ("data" is the whole body)
-        field = unknown.group(1) if field in (None, "data") else f"{field}.{unknown.group(1)}"
-        message = "is not a supported field"
+    named = re.search(r"(unknown|missing required) field `([^`]+)`", str(message))
+    if named:  # name the offending field itself, not the object holding it ("data" is the whole body)
+        field = named.group(2) if field in (None, "data") else f"{field}.{named.group(2)}"
+        message = "is not a supported field" if named.group(1) == "unknown" else "is required"
     detail = f"{field}: {message}" if field else str(message)
     return _respond(request, 400, "invalid_request", detail, field, {"errors": problems} if problems else {})
 

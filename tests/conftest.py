@@ -138,3 +138,23 @@ def test_env(database_url, redis_url, model_dir, shared_tmp) -> dict[str, str]:
     env.update(FLYWHEEL_DATABASE_URL=database_url, FLYWHEEL_REDIS_URL=redis_url,
                FLYWHEEL_MODEL_DIR=str(model_dir), FLYWHEEL_DATA_DIR=str(shared_tmp / uuid.uuid4().hex[:8]))
     return env
+
+
+def make_lora_adapter(base_model: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter with random (non-zero) weights: it changes the model's answers, as a trained one would."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                        init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(default_model, shared_tmp) -> list[Path]:
+    """Two different adapters for the default model."""
+    return [make_lora_adapter(default_model, shared_tmp / f"adapter-{i}", seed=i) for i in range(2)]

@@ -43,7 +43,7 @@ def engine_name(version: int) -> str:
 
 def in_canary(caller: Caller, percent: int) -> bool:
     """A stable coin per caller: one user always sees the same version while the canary runs."""
-    bucket = int(hashlib.sha256(f"flywheel-canary:{caller.key_id}".encode()).hexdigest(), 16) % 100
+    bucket = int(hashlib.sha256(f"flywheel-canary:{caller.key_hash}".encode()).hexdigest(), 16) % 100
     return bucket < percent
 
 
@@ -107,17 +107,24 @@ class AdapterService:
         except AdapterFilesError as exc:
             raise ClientError(str(exc), field="lora_path") from exc
         row = await store.get_by_name(self.pool, name)
-        if row is None:
-            try:
-                row = await store.insert_candidate(self.pool, name=name, base_model=self.settings.base_model,
-                                                   path=str(folder), sha256=sha256, size_bytes=size,
-                                                   actor=caller.name, reason="POST /v1/load_lora_adapter")
-            except asyncpg.UniqueViolationError:  # registered by a concurrent call
-                row = await store.get_by_name(self.pool, name)
-        if row["sha256"] != sha256:
-            raise Conflict(f"an adapter named {name!r} with other files is registered as v{row['version']}",
-                           field="lora_name")
-        await self.ensure_loaded(row)
+        try:
+            if row is None:
+                # Registered only if it loads: a corrupt or mismatched folder leaves no trace in the registry.
+                async with self.pool.acquire() as conn, conn.transaction():
+                    row = await store.insert_candidate(conn, name=name, base_model=self.settings.base_model,
+                                                       path=str(folder), sha256=sha256, size_bytes=size,
+                                                       actor=caller.name, reason="POST /v1/load_lora_adapter")
+                    await self.engine.load_adapter(engine_name(row["version"]), str(folder), sha256)
+                return row
+            if row["sha256"] != sha256:
+                raise Conflict(f"an adapter named {name!r} with other files is registered as v{row['version']}",
+                               field="lora_name")
+            await self.engine.load_adapter(engine_name(row["version"]), row["path"], row["sha256"])
+        except AdapterLoadError as exc:
+            raise ClientError(str(exc), field="lora_path") from exc
+        except asyncpg.UniqueViolationError as exc:
+            raise Conflict(f"an adapter named {name!r} is being registered by another request; retry",
+                           field="lora_name") from exc
         return row
 
     async def unload_by_name(self, name: str) -> None:

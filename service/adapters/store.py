@@ -25,15 +25,14 @@ async def live(conn: Conn):
     return await conn.fetch(f"SELECT {COLUMNS} FROM adapters WHERE status IN ('production', 'canary')")
 
 
-async def insert_candidate(pool: asyncpg.Pool, *, name: str, base_model: str, path: str, sha256: str, size_bytes: int,
-                           algorithm: str = "import", actor: str, reason: str):
-    """Register files that already exist on disk as a candidate, with its audit event, in one transaction."""
-    async with pool.acquire() as c, c.transaction():
-        row = await c.fetchrow(
-            f"""INSERT INTO adapters (name, base_model, algorithm, status, path, sha256, size_bytes)
-                VALUES ($1, $2, $3, 'candidate', $4, $5, $6) RETURNING {COLUMNS}""",
-            name, base_model, algorithm, path, sha256, size_bytes)
-        await c.execute("INSERT INTO adapter_events (version, from_status, to_status, actor, reason) "
-                        "VALUES ($1, NULL, 'candidate', $2, $3)", row["version"], actor, reason)
-        return row
+async def insert_candidate(conn: asyncpg.Connection, *, name: str, base_model: str, path: str, sha256: str,
+                           size_bytes: int, algorithm: str = "import", actor: str, reason: str):
+    """Register files that already exist on disk as a candidate, with its audit event (call in a transaction)."""
+    row = await conn.fetchrow(
+        f"""INSERT INTO adapters (name, base_model, algorithm, status, path, sha256, size_bytes)
+            VALUES ($1, $2, $3, 'candidate', $4, $5, $6) RETURNING {COLUMNS}""",
+        name, base_model, algorithm, path, sha256, size_bytes)
+    await conn.execute("INSERT INTO adapter_events (version, from_status, to_status, actor, reason) "
+                       "VALUES ($1, NULL, 'candidate', $2, $3)", row["version"], actor, reason)
+    return row
 
