@@ -182,7 +182,8 @@ async def model_ids(client: httpx.AsyncClient) -> set[str]:
     response = await client.get("/v1/models")
     if response.status_code != 200:
         sys.exit(f"GET /v1/models failed: HTTP {response.status_code}: {response.text[:300]}")
-    return {model["id"] for model in response.json()["data"]}
+    # A loaded adapter is listed as flywheel:vN with its own name beside it; either names it.
+    return {name for model in response.json()["data"] for name in (model["id"], model.get("name")) if name}
 
 
 async def benchmark(args: argparse.Namespace) -> list[Scenario]:

@@ -58,6 +58,7 @@ class LocalEngine:
         self._name_locks: dict[str, asyncio.Lock] = {}
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
+        self._admitting: list[Sequence] = []  # taken from the queue, not yet in the batch
         self._batch = KVBatch()
         self._commands: deque[tuple[Callable[[], object], Future]] = deque()
         self._wake = threading.Condition()
@@ -170,9 +171,9 @@ class LocalEngine:
                 except Exception as exc:  # noqa: BLE001 - fail the requests in flight, keep serving
                     log.exception("engine step failed")
                     self._error = f"{type(exc).__name__}: {exc}"
-                    for seq in self._running:
+                    for seq in [*self._running, *self._admitting]:
                         seq.send(Chunk("", "abort", len(seq.prompt), len(seq.tokens)))
-                    self._running, self._batch = [], KVBatch()
+                    self._running, self._admitting, self._batch = [], [], KVBatch()
                 else:
                     self._error = ""
         for seq in [*self._running, *self._waiting]:
@@ -196,7 +197,7 @@ class LocalEngine:
         room = self.max_batch_size - len(self._running)
         with self._wake:
             new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-        new = [s for s in new if not s.cancelled]
+        new = self._admitting = [s for s in new if not s.cancelled]
         if not new:
             return
         for seq in new:
@@ -207,6 +208,7 @@ class LocalEngine:
         logits = self._forward(new, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
         self._batch.join(cache, mask)
         self._running.extend(new)
+        self._admitting = []
         self._advance(new, logits)
 
     def _decode(self) -> None:
@@ -289,8 +291,11 @@ class LocalEngine:
         return None
 
     def _delete(self, name: str) -> None:
-        self._peft.delete_adapter(name)
         del self._adapters[name]
+        if self._adapters:
+            self._peft.delete_adapter(name)
+        else:  # the last one: give back the plain base model (peft keeps no "no adapter" state)
+            self.model, self._peft = self._peft.unload(), None
 
 
 _NOT_YET = object()

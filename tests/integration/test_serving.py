@@ -292,3 +292,10 @@ def test_metrics_expose_requests_tokens_and_latency(service):
                  "flywheel_time_to_first_token_seconds_bucket", "flywheel_request_latency_seconds_count",
                  "flywheel_queue_depth", "flywheel_loaded_adapters"):
         assert name in text
+
+
+def test_only_operators_load_adapters(service, lora_adapters):
+    user = service.new_key("plain-user")
+    response = httpx.post(f"{service.url}/v1/load_lora_adapter", headers=_auth(user),
+                          json={"lora_name": "sneaky", "lora_path": str(lora_adapters[0])})
+    assert response.status_code == 403 and "operator" in response.json()["error"]["message"]
