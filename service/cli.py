@@ -229,7 +229,7 @@ def up(
         raise typer.BadParameter("must be auto, always or never", param_hint="--embedded")
     setup_logging()
     sys.exit(run_up(settings(), embedded=embedded, with_ui=with_ui, with_worker=with_worker,
-                    say=lambda msg: err.print(msg)))
+                    say=lambda msg: err.print(msg, soft_wrap=True, highlight=False, markup=False)))
 
 
 def main() -> None:
