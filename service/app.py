@@ -24,6 +24,8 @@ from service.chat.routes import ConversationController, OpenAIController
 from service.chat.service import ChatService
 from service.engine import create_engine
 from service.errors import exception_handlers
+from service.feedback.routes import FeedbackController
+from service.feedback.service import FeedbackService
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -99,6 +101,7 @@ def create_app(settings: Settings) -> Litestar:
             state.adapters = AdapterService(state.pool, state.engine, settings)
             await state.adapters.reconcile()
             state.chat = ChatService(state.pool, state.redis, state.engine, state.adapters, settings, state.metrics)
+            state.feedback = FeedbackService(state.pool, settings)
             log.info("serving %s with the %s engine", settings.base_model, settings.engine.engine)
             yield
         finally:
@@ -107,7 +110,7 @@ def create_app(settings: Settings) -> Litestar:
             await state.pool.close()
 
     return Litestar(
-        route_handlers=[health, ready, metrics, OpenAIController, ConversationController],
+        route_handlers=[health, ready, metrics, OpenAIController, ConversationController, FeedbackController],
         dependencies={"caller": Provide(authenticate)},
         lifespan=[lifespan],
         exception_handlers=exception_handlers,

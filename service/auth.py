@@ -49,6 +49,10 @@ class Caller:
     def owner(self) -> int:
         return self.key_id
 
+    def may_see(self, owner: int) -> bool:
+        """Users see their own conversations; admins see everyone's."""
+        return owner == self.key_id or self.role >= Role.admin
+
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()

@@ -179,6 +179,45 @@ def keys_revoke(key_id: Annotated[int, typer.Argument(help="The key's id (see `f
 
 
 @app.command()
+def export(
+    format: Annotated[str, typer.Option("--format", help="sft, dpo or kto.")],  # noqa: A002
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="File to write; stdout if absent.")] = None,
+    since: Annotated[str | None, typer.Option(help="Feedback changed at or after (ISO date or time).")] = None,
+    until: Annotated[str | None, typer.Option(help="Feedback changed before (ISO date or time).")] = None,
+    adapter: Annotated[str | None, typer.Option(help="Only replies of this version (base, 7, v7).")] = None,
+) -> None:
+    """Write feedback as TRL-format JSONL (the same rows as GET /api/export and the worker's datasets)."""
+    from datetime import datetime
+
+    from rich.progress import Progress
+
+    from service.feedback.export import FORMATS, ExportFilter, counts, export_rows
+    from service.feedback.routes import parse_adapter
+
+    if format not in FORMATS:
+        raise typer.BadParameter(f"must be one of {', '.join(FORMATS)}", param_hint="--format")
+    try:
+        bounds = [datetime.fromisoformat(v) if v else None for v in (since, until)]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--since/--until") from exc
+    version = parse_adapter(adapter, "adapter") if adapter else None
+    where = ExportFilter(*bounds, adapter="base" if adapter == "base" else version)
+    rows = run_async(_with_database(lambda conn: export_rows(conn, format, where)))
+    handle = open(output, "w", encoding="utf-8") if output else sys.stdout  # noqa: SIM115
+    try:
+        with Progress(console=err, transient=True, disable=not output) as progress:
+            task = progress.add_task(f"writing {format}", total=len(rows))
+            for row in rows:
+                handle.write(json.dumps(row.data, ensure_ascii=False) + "\n")
+                progress.advance(task)
+    finally:
+        if output:
+            handle.close()
+    summary = ", ".join(f"{k} {v}" for k, v in counts(rows).items())
+    err.print(f"{format}: {summary}" + (f" -> {output}" if output else ""))
+
+
+@app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to listen on (FLYWHEEL_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (FLYWHEEL_PORT).")] = None,
@@ -236,10 +275,11 @@ def main() -> None:
     from service.db import MigrationError
     from service.embedded import EmbeddedError
     from service.engine.weights import ModelError
+    from service.errors import ClientError
 
     try:
         app()
-    except (SettingsError, CommandError, ModelError, EmbeddedError, MigrationError) as exc:
+    except (SettingsError, CommandError, ModelError, EmbeddedError, MigrationError, ClientError) as exc:
         err.print(f"flywheel: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -19,7 +19,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from service.adapters.service import AdapterService, Target
-from service.auth import Caller, Role, record_tokens
+from service.auth import Caller, record_tokens
 from service.chat import store
 from service.chat.schemas import ChatCompletionRequest, ChatMessage, SamplingFields
 from service.engine.base import (
@@ -160,7 +160,7 @@ class ChatService:
                          stream: bool):
         """Answer the same context again: a sibling of ``message_id`` for pairwise comparison."""
         row = await store.get_message(self.pool, message_id)
-        if row is None or row["deleted_at"] is not None or not self._may_see(caller, row["owner"]):
+        if row is None or row["deleted_at"] is not None or not caller.may_see(row["owner"]):
             raise NotFound("no such message", field="message_id")
         if row["role"] != "assistant" or row["parent_id"] is None:
             raise ClientError("only an assistant reply can be regenerated", field="message_id")
@@ -308,14 +308,10 @@ class ChatService:
         if reply.finish_reason == "abort":
             raise Unavailable("generation was interrupted by an engine error; retry", extra={"retry_after": 1})
 
-    @staticmethod
-    def _may_see(caller: Caller, owner: int | None) -> bool:
-        return owner == caller.owner or caller.role >= Role.admin
-
     async def _visible_conversation(self, caller: Caller, conversation_id: uuid.UUID):
         row = await store.get_conversation(self.pool, conversation_id)
         # Someone else's conversation is "not found", not "forbidden": its existence is not for the caller to learn.
-        if row is None or row["deleted_at"] is not None or not self._may_see(caller, row["owner"]):
+        if row is None or row["deleted_at"] is not None or not caller.may_see(row["owner"]):
             raise NotFound("no such conversation", field="conversation_id")
         return row
 
