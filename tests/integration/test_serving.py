@@ -13,27 +13,9 @@ import pytest
 from openai import OpenAI
 
 from service import db
-from tests.conftest import _admin, _fresh_database, with_database
-from tests.integration.service_process import ServiceProcess, child_env
+from tests.integration.conftest import ADMIN_KEY, RATE_LIMIT
 
 pytestmark = pytest.mark.slow
-ADMIN_KEY = "test-admin-key-" + uuid.uuid4().hex
-RATE_LIMIT = 150
-
-
-@pytest.fixture(scope="module")
-def service(postgres_server_url, template_database, redis_url, model_dir, default_model, shared_tmp):
-    name = _fresh_database(postgres_server_url, template_database)
-    database_url = with_database(postgres_server_url, name)
-    env = child_env(FLYWHEEL_DATABASE_URL=database_url, FLYWHEEL_REDIS_URL=redis_url,
-                    FLYWHEEL_MODEL_DIR=str(model_dir), FLYWHEEL_DATA_DIR=str(shared_tmp / "serving"),
-                    FLYWHEEL_ADMIN_KEY=ADMIN_KEY, FLYWHEEL_RATE_LIMIT_PER_MIN=str(RATE_LIMIT),
-                    FLYWHEEL_MAX_MESSAGE_CHARS="40000")
-    process = ServiceProcess(env, shared_tmp / "serving.log").start()
-    process.database_url = database_url
-    yield process
-    process.stop()
-    asyncio.run(_admin(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="module")
