@@ -27,6 +27,7 @@ from service.errors import exception_handlers
 from service.feedback.routes import FeedbackController
 from service.feedback.service import FeedbackService
 from service.metrics import Metrics
+from service.runs.routes import RunController
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ def create_app(settings: Settings) -> Litestar:
             await state.pool.close()
 
     return Litestar(
-        route_handlers=[health, ready, metrics, OpenAIController, ConversationController, FeedbackController],
+        route_handlers=[health, ready, metrics, OpenAIController, ConversationController, FeedbackController,
+                        RunController],
         dependencies={"caller": Provide(authenticate)},
         lifespan=[lifespan],
         exception_handlers=exception_handlers,

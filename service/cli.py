@@ -26,6 +26,8 @@ model_app = typer.Typer(help="Base model files.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+runs_app = typer.Typer(help="Training runs.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
 
 out = Console()
 err = Console(stderr=True)
@@ -123,6 +125,7 @@ async def _with_database(work):
     await db.ensure_database(s.database_url)
     conn = await asyncpg.connect(s.database_url)
     try:
+        await db.init_connection(conn)
         if s.db.auto_migrate:
             await db.migrate(conn)
         return await work(conn)
@@ -215,6 +218,83 @@ def export(
             handle.close()
     summary = ", ".join(f"{k} {v}" for k, v in counts(rows).items())
     err.print(f"{format}: {summary}" + (f" -> {output}" if output else ""))
+
+
+@app.command()
+def train(
+    now: Annotated[bool, typer.Option("--now", help="Queue a run now (the worker picks it up).")] = False,
+    algorithm: Annotated[str | None, typer.Option(help="auto, sft, dpo or kto.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Steps per training stage.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the run until it ends.")] = False,
+    timeout: Annotated[float, typer.Option(help="With --wait: give up after this many seconds.")] = 3600,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a training run by hand (`--now`); `--wait` shows its progress and exits non-zero if it fails."""
+    from service.runs import store
+    from service.runs.schemas import NewRun
+
+    if not now:
+        raise typer.BadParameter("say --now to queue a run (the worker also starts runs by itself)",
+                                 param_hint="--now")
+    if algorithm not in (None, "auto", "sft", "dpo", "kto"):
+        raise typer.BadParameter("must be auto, sft, dpo or kto", param_hint="--algorithm")
+    if max_steps is not None and max_steps < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--max-steps")
+    params = NewRun(algorithm=algorithm, max_steps=max_steps).params()
+    run = run_async(_with_database(lambda conn: store.queue(
+        conn, algorithm=algorithm or settings().training.train_algorithm, params=params, requested_by="cli")))
+    err.print(f"queued run {run['id']}")
+    if wait:
+        run = _follow_run(run["id"], timeout)
+    if as_json:
+        out.print_json(json.dumps(dict(run), default=str))
+    if wait and run["status"] != "succeeded":
+        raise CommandError(f"run {run['id']} ended {run['status']}: {run['error'] or run['metrics']}")
+
+
+def _follow_run(run_id: int, timeout: float):
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from service.runs import store
+
+    deadline = time.monotonic() + timeout
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
+                  TimeRemainingColumn(), console=err, transient=True) as progress:
+        task = progress.add_task(f"run {run_id}: queued", total=None, detail="")
+        while True:
+            run = run_async(_with_database(lambda conn: store.get(conn, run_id)))
+            p = run["progress"] or {}
+            detail = " ".join(f"{k} {p[k]:.4g}" for k in ("loss", "rewards/margins") if isinstance(p.get(k), float))
+            progress.update(task, description=f"run {run_id}: {run['status']} {p.get('stage', '')}",
+                            completed=p.get("step", 0), total=p.get("total_steps") or None, detail=detail)
+            if run["status"] not in ("queued", "running"):
+                return run
+            if time.monotonic() > deadline:
+                raise CommandError(f"run {run_id} is still {run['status']} after {timeout:.0f} s"
+                                   + ("; is `flywheel worker` running?" if run["status"] == "queued" else ""))
+            time.sleep(1)
+
+
+@runs_app.command("list")
+def runs_list(limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+              as_json: JsonOption = False) -> None:
+    """Recent training runs."""
+    from service.runs import store
+
+    rows = run_async(_with_database(lambda conn: store.recent(conn, limit)))
+    if as_json:
+        out.print_json(json.dumps([dict(r) for r in rows], default=str))
+        return
+    table = Table("id", "status", "algorithm", "trigger", "created", "finished", "result")
+    for r in rows:
+        metrics = r["metrics"] or {}
+        result = r["error"] or metrics.get("note") or (
+            f"v{metrics['adapter_version']} {metrics.get('verdict')}" if "adapter_version" in metrics else "")
+        table.add_row(str(r["id"]), r["status"], r["algorithm"], r["trigger"], f"{r['created_at']:%m-%d %H:%M}",
+                      f"{r['finished_at']:%m-%d %H:%M}" if r["finished_at"] else "", result)
+    out.print(table)
 
 
 @app.command()

@@ -118,11 +118,12 @@ async def ensure_database(url: str) -> bool:
     return True
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """json and jsonb columns read and write Python values."""
     for type_name in ("json", "jsonb"):
         await conn.set_type_codec(type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
 async def create_pool(url: str, size: int) -> asyncpg.Pool:
     """A pool whose connections speak JSON for json/jsonb columns."""
-    return await asyncpg.create_pool(url, min_size=1, max_size=size, init=_init_connection)
+    return await asyncpg.create_pool(url, min_size=1, max_size=size, init=init_connection)

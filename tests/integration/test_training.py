@@ -1,0 +1,127 @@
+"""Training and the gate on the real default model with tiny settings: each algorithm learns what it optimises."""
+
+from __future__ import annotations
+
+import pytest
+from safetensors.torch import load_file
+
+from worker.data import TrainingData
+from worker.evaluate import GateConfig, _Scorer, evaluate
+from worker.train import NoUsableData, TrainConfig, plan_stages, train_adapter
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = ["How do I boil an egg?", "What is the capital of France?", "Why is the sky blue?", "Name a fruit.",
+             "What is two plus two?", "Which ocean is largest?", "Who wrote Hamlet?", "What colour is grass?"]
+SHORT = ["Boil it for nine minutes.", "Paris.", "Rayleigh scattering.", "An apple.", "Four.", "The Pacific.",
+         "Shakespeare.", "Green."]
+RAMBLE = ("Well, that is a big question with a long history, and before answering it we should consider many "
+          "different points of view, background details and related topics in great depth. ")
+
+
+def _user(q):
+    return [{"role": "user", "content": q}]
+
+
+def _assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
+def concise_preference(questions=QUESTIONS, answers=SHORT, flip=False) -> TrainingData:
+    """Users prefer the short answer; ``flip`` swaps every label (a poisoned or inverted dataset)."""
+    data = TrainingData()
+    for q, a in zip(questions, answers, strict=True):
+        good, bad = (RAMBLE, a) if flip else (a, RAMBLE)
+        data.sft.train.append({"messages": [*_user(q), *_assistant(good)]})
+        data.dpo.train.append({"prompt": _user(q), "chosen": _assistant(good), "rejected": _assistant(bad)})
+        data.kto.train += [{"prompt": _user(q), "completion": _assistant(good), "label": True},
+                           {"prompt": _user(q), "completion": _assistant(bad), "label": False}]
+    return data
+
+
+TINY = {"max_steps": 4, "batch_size": 2, "max_length": 128}
+
+
+@pytest.fixture(scope="module")
+def scorer_for(default_model):
+    from peft import PeftModel
+
+    from service.engine.weights import load_pretrained
+
+    def make(adapter_dir):
+        model, tokenizer = load_pretrained(str(default_model))
+        return _Scorer(PeftModel.from_pretrained(model, str(adapter_dir), adapter_name="candidate").eval(), tokenizer)
+
+    return make
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "dpo", "kto"])
+def test_each_algorithm_changes_the_adapter_the_way_it_optimises(algorithm, default_model, tmp_path, scorer_for):
+    import torch
+
+    data = concise_preference()
+    progress = []
+    result = train_adapter(TrainConfig(algorithm=algorithm, **TINY), data, str(default_model), tmp_path,
+                           on_progress=progress.append)
+    assert [s["algorithm"] for s in result.stages] == [algorithm] and result.stages[0]["steps"] == 4
+    assert progress and progress[-1]["total_steps"] == 4
+    weights = load_file(str(tmp_path / "adapter_model.safetensors"))
+    lora_b = [t for name, t in weights.items() if "lora_B" in name]
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: it moved
+
+    scorer = scorer_for(tmp_path)
+    with torch.inference_mode():
+        if algorithm == "sft":  # the edited answers became more likely than under the base
+            gains = [scorer.margin("candidate", _user(q), a) for q, a in zip(QUESTIONS, SHORT, strict=True)]
+            assert sum(gains) / len(gains) > 0
+        else:  # the implicit reward margin of chosen over rejected grew from zero
+            margins = [scorer.margin("candidate", r["prompt"], r["chosen"][0]["content"])
+                       - scorer.margin("candidate", r["prompt"], r["rejected"][0]["content"]) for r in data.dpo.train]
+            assert sum(margins) / len(margins) > 0
+
+
+def test_the_gate_passes_a_faithful_adapter_and_rejects_one_trained_on_flipped_labels(default_model, tmp_path):
+    heldout = concise_preference(["What is the capital of Spain?", "Name a vegetable.", "How many legs has a cat?"],
+                                 ["Madrid.", "A carrot.", "Four."])
+    verdicts = {}
+    for name, flip in (("faithful", False), ("flipped", True)):
+        data = concise_preference(flip=flip)
+        data.dpo.heldout = heldout.dpo.train
+        train_adapter(TrainConfig(algorithm="dpo", **TINY), data, str(default_model), tmp_path / name)
+        verdicts[name] = evaluate(str(default_model), str(tmp_path / name), None, data, GateConfig())
+    faithful, flipped = verdicts["faithful"], verdicts["flipped"]
+    assert faithful.passed, faithful.reasons
+    assert faithful.metrics["candidate_accuracy"] > flipped.metrics["candidate_accuracy"]
+    assert not flipped.passed and "preference accuracy" in flipped.reasons[0]
+    for verdict in verdicts.values():  # every metric is kept, whatever the verdict
+        assert {"candidate_accuracy", "production_accuracy", "kl_from_base", "heldout_pairs"} <= set(verdict.metrics)
+        assert 0 <= verdict.metrics["kl_from_base"] < 1
+
+
+def test_regression_prompts_can_veto_a_candidate(default_model, tmp_path):
+    data = concise_preference()
+    data.dpo.heldout = data.dpo.train[:2]
+    train_adapter(TrainConfig(algorithm="sft", **TINY), data, str(default_model), tmp_path / "a")
+    prompts = tmp_path / "regressions.jsonl"
+    prompts.write_text('{"prompt": "What is the capital of France?", "must_not": ["\\\\w"]}\n')  # any word fails
+    verdict = evaluate(str(default_model), str(tmp_path / "a"), None, data, GateConfig(regression_prompts=prompts))
+    assert not verdict.passed and "regression" in verdict.reasons[-1]
+    assert verdict.metrics["regression_failures"][0]["forbidden"] == ["\\w"]
+
+
+def test_auto_plans_from_the_data_and_says_why_when_it_cannot():
+    data = concise_preference()
+    assert plan_stages(TrainConfig(algorithm="auto"), data) == ["sft", "dpo"]
+    data.sft.train, data.dpo.train = [], data.dpo.train[:3]
+    assert plan_stages(TrainConfig(algorithm="auto"), data) == ["kto"]
+    with pytest.raises(NoUsableData, match="no algorithm has enough data"):
+        plan_stages(TrainConfig(algorithm="auto"), TrainingData())
+    with pytest.raises(NoUsableData, match="dpo needs at least 1"):
+        plan_stages(TrainConfig(algorithm="dpo"), TrainingData())
+
+
+@pytest.mark.parametrize(("field", "value"), [("lora_r", 0), ("learning_rate", 2.0), ("algorithm", "ppo"),
+                                              ("batch_size", 0), ("max_length", 4), ("algorithm", "rl")])
+def test_train_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+        TrainConfig(**{field: value})

@@ -1,0 +1,202 @@
+"""LoRA training with TRL: SFT on edits, DPO on preference pairs, KTO on unpaired thumbs, or `auto`.
+
+The adapter is trained on the base model (or continues the production adapter) and saved in plain PEFT format,
+which vLLM and LoRAX load unchanged. dtype and learning rate are set on purpose: TRL's CPU defaults (bf16, lr
+1e-6) barely move a LoRA in the few steps a run takes (shared/probes/model-and-training.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+from worker.data import TrainingData
+
+log = logging.getLogger(__name__)
+Algorithm = Literal["auto", "sft", "dpo", "kto", "rl"]
+DEFAULT_LR = {"sft": 2e-4, "dpo": 5e-5, "kto": 5e-5}
+
+
+class NoUsableData(Exception):
+    """The data has nothing the chosen algorithm can train on; the message says what is missing."""
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    algorithm: Algorithm = field(default="auto", metadata={"help": "sft, dpo, kto, auto (picks from the data), rl."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "o_proj"),
+                                            metadata={"help": "Modules that get a LoRA."})
+    learning_rate: float | None = field(default=None, metadata={"help": "None: 2e-4 for SFT, 5e-5 for DPO/KTO."})
+    epochs: float = field(default=2.0, metadata={"help": "Passes over the training data."})
+    max_steps: int | None = field(default=None, metadata={"help": "Steps per stage; overrides epochs when set."})
+    batch_size: int = field(default=4, metadata={"help": "Rows (pairs for DPO) per step."})
+    beta: float = field(default=0.1, metadata={"help": "DPO/KTO strength of the pull toward the reference."})
+    max_length: int = field(default=256, metadata={"help": "Tokens per row (prompt + answer), truncated beyond."})
+    seed: int = field(default=0, metadata={"help": "Seed for data order and LoRA init."})
+    start_from: Literal["base", "production"] = field(
+        default="base", metadata={"help": "A fresh LoRA on the base, or continue the production adapter."})
+    dtype: Literal["float32", "bfloat16"] = field(
+        default="float32", metadata={"help": "float32 learns more per step here; bfloat16 is faster on AMX."})
+    min_dpo_pairs: int = field(default=8, metadata={"help": "auto: DPO when there are at least this many pairs."})
+    min_kto_rows: int = field(default=4, metadata={"help": "auto: KTO when there are at least this many thumbs."})
+
+    def __post_init__(self) -> None:
+        checks = {
+            "algorithm": self.algorithm in ("auto", "sft", "dpo", "kto", "rl"),
+            "lora_r": self.lora_r >= 1, "lora_alpha": self.lora_alpha >= 1, "lora_dropout": 0 <= self.lora_dropout < 1,
+            "target_modules": bool(self.target_modules), "epochs": self.epochs > 0,
+            "learning_rate": self.learning_rate is None or 0 < self.learning_rate < 1,
+            "max_steps": self.max_steps is None or self.max_steps >= 1, "batch_size": self.batch_size >= 1,
+            "beta": self.beta > 0, "max_length": self.max_length >= 16,
+            "start_from": self.start_from in ("base", "production"), "dtype": self.dtype in ("float32", "bfloat16"),
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            help_text = {f.name: f.metadata.get("help", "") for f in fields(self)}[bad[0]]
+            raise ValueError(f"TrainConfig.{bad[0]}={getattr(self, bad[0])!r} is invalid: {help_text}")
+        if self.algorithm == "rl":
+            raise ValueError("TrainConfig.algorithm='rl' needs the reward model, which is not built yet")
+        self.target_modules = tuple(self.target_modules)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_stages(config: TrainConfig, data: TrainingData) -> list[str]:
+    """Which trainers run, in order; NoUsableData if none can."""
+    sft, dpo, kto = len(data.sft.train), len(data.dpo.train), len(data.kto.train)
+    if config.algorithm != "auto":
+        available = {"sft": sft, "dpo": dpo, "kto": kto}[config.algorithm]
+        minimum = 2 if config.algorithm == "kto" else 1
+        if available < minimum:
+            raise NoUsableData(f"{config.algorithm} needs at least {minimum} training rows, the feedback gives "
+                               f"{available}")
+        return [config.algorithm]
+    stages = ["sft"] if sft else []  # edits are the strongest signal: warm-start on them
+    if dpo >= config.min_dpo_pairs:
+        stages.append("dpo")
+    elif kto >= config.min_kto_rows and len({row["label"] for row in data.kto.train}) == 2:
+        stages.append("kto")
+    if not stages:
+        raise NoUsableData(f"no algorithm has enough data: {sft} edits, {dpo} pairs (DPO needs "
+                           f"{config.min_dpo_pairs}), {kto} thumbs (KTO needs {config.min_kto_rows}, both labels)")
+    return stages
+
+
+@dataclass
+class TrainResult:
+    stages: list[dict]
+    seconds: float
+
+
+Progress = Callable[[dict], None]
+
+
+def train_adapter(config: TrainConfig, data: TrainingData, base_model: str, out_dir: Path,
+                  on_progress: Progress = lambda p: None, stop: threading.Event | None = None,
+                  parent_adapter: str | None = None) -> TrainResult:
+    """Train and save the adapter to ``out_dir``; Cancelled if ``stop`` is set, NoUsableData if nothing to learn."""
+    import datasets
+    import torch
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+
+    datasets.disable_progress_bars()
+    stop = stop or threading.Event()
+    stages = plan_stages(config, data)
+    started = time.monotonic()
+    torch.manual_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    peft_config = None
+    if config.start_from == "production" and parent_adapter:
+        model = PeftModel.from_pretrained(model, parent_adapter, is_trainable=True)
+    else:
+        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                 target_modules=list(config.target_modules), task_type="CAUSAL_LM")
+
+    class Report(TrainerCallback):
+        def __init__(self, stage: str):
+            self.stage = stage
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            elapsed = time.monotonic() - started
+            done = state.global_step / max(state.max_steps, 1)
+            on_progress({"stage": self.stage, "stages": stages, "step": state.global_step,
+                         "total_steps": state.max_steps, "eta_s": round(elapsed / done - elapsed) if done else None,
+                         **{k: v for k, v in (logs or {}).items() if isinstance(v, int | float)}})
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop.is_set():
+                control.should_training_stop = True
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="flywheel-train-") as scratch:
+        for stage in stages:
+            trainer = _trainer(stage, config, model, tokenizer, data, peft_config, scratch, datasets)
+            trainer.remove_callback(PrinterCallback)  # progress goes through on_progress, not stdout
+            trainer.add_callback(Report(stage))
+            trainer.train()
+            if stop.is_set():
+                raise Cancelled("the run was stopped")
+            history = [h for h in trainer.state.log_history if "loss" in h]
+            results.append({"algorithm": stage, "steps": trainer.state.global_step,
+                            "first": history[0] if history else {}, "last": history[-1] if history else {}})
+            model, peft_config = trainer.model, None  # the next stage continues this adapter
+    model.save_pretrained(out_dir, selected_adapters=["default"])
+    return TrainResult(results, round(time.monotonic() - started, 1))
+
+
+def _trainer(stage, config: TrainConfig, model, tokenizer, data: TrainingData, peft_config, scratch, datasets):
+    import torch
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+
+    common = dict(
+        output_dir=scratch, per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate or DEFAULT_LR[stage], num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1, logging_steps=1, report_to="none", save_strategy="no",
+        use_cpu=not torch.cuda.is_available(), bf16=config.dtype == "bfloat16", gradient_checkpointing=False,
+        lr_scheduler_type="constant", seed=config.seed, max_length=config.max_length, disable_tqdm=True,
+    )
+    rows = getattr(data, stage).train
+    if stage == "sft":
+        # prompt/completion rows: the loss is on the answer only
+        rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
+        trainer_class, args = SFTTrainer, SFTConfig(**common)
+    elif stage == "dpo":
+        trainer_class, args = DPOTrainer, DPOConfig(**common, beta=config.beta)
+    else:
+        rows = _interleaved(rows)
+        desirable = sum(r["label"] for r in rows)
+        undesirable = len(rows) - desirable
+        # TRL advises desirable_weight * n_desirable ~ undesirable_weight * n_undesirable
+        weight = min(max(undesirable / desirable, 0.1), 10.0) if desirable and undesirable else 1.0
+        args = KTOConfig(**{**common, "per_device_train_batch_size": max(2, config.batch_size)}, beta=config.beta,
+                         desirable_weight=weight, undesirable_weight=1.0)
+        trainer_class = KTOTrainer
+    dataset = datasets.Dataset.from_list(rows)
+    return trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config)
+
+
+def _interleaved(rows: list[dict]) -> list[dict]:
+    """KTO estimates its KL term per batch: alternate labels so every batch holds both."""
+    good = [r for r in rows if r["label"]]
+    bad = [r for r in rows if not r["label"]]
+    out = []
+    for i in range(max(len(good), len(bad))):
+        out.extend(x[i] for x in (good, bad) if i < len(x))
+    return out
