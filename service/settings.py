@@ -93,6 +93,9 @@ class TrainingSettings(msgspec.Struct, frozen=True, kw_only=True):
     train_algorithm: Annotated[
         Literal["auto", "sft", "dpo", "kto", "rl"], _doc("Algorithm for triggered runs; auto picks from the data.")
     ] = "auto"
+    train_max_steps: Annotated[
+        Annotated[int, Meta(ge=1)] | None, _doc("Steps per training stage; unset: the epochs of the train config.")
+    ] = None
     train_start_from: Annotated[
         Literal["base", "production"], _doc("Train a fresh LoRA on the base, or continue the production adapter.")
     ] = "base"

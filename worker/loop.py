@@ -29,7 +29,7 @@ from service.runs import store as runs
 from service.settings import Settings
 from worker.data import build_training_data, count_new_feedback
 from worker.evaluate import GateConfig, evaluate
-from worker.train import Cancelled, NoUsableData, TrainConfig, train_adapter
+from worker.train import Cancelled, NoUsableData, TrainConfig, plan_stages, train_adapter
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "flywheel:trainer-lock"
@@ -44,7 +44,8 @@ def worker_id() -> str:
 def train_config(settings: Settings, params: dict | None = None) -> TrainConfig:
     """The settings' defaults, overridden by what a manual run asked for."""
     t = settings.training
-    return TrainConfig(**{"algorithm": t.train_algorithm, "start_from": t.train_start_from, **(params or {})})
+    defaults = {"algorithm": t.train_algorithm, "start_from": t.train_start_from, "max_steps": t.train_max_steps}
+    return TrainConfig(**{**defaults, **(params or {})})
 
 
 class Worker:
@@ -139,6 +140,7 @@ class Worker:
             t = self.settings.training
             data = await build_training_data(self.pool, t.heldout_fraction, t.max_owner_share)
             await runs.record_data(self.pool, run["id"], data.counts(), data.data_until, config.as_dict())
+            plan_stages(config, data)  # NoUsableData before anything is created
             async with self.pool.acquire() as conn, conn.transaction():
                 row = await registry.create_training(conn, base_model=self.settings.base_model,
                                                      algorithm=config.algorithm, run_id=run["id"],

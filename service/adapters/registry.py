@@ -28,7 +28,7 @@ async def create_training(conn: asyncpg.Connection, *, base_model: str, algorith
     """A row for an adapter being trained: it has a version but no files, so nothing can serve it yet."""
     row = await conn.fetchrow(
         f"""INSERT INTO adapters (name, base_model, parent_version, algorithm, status, run_id)
-            VALUES ('run-' || $1::text, $2, $3, $4, 'training', $1) RETURNING {COLUMNS}""",
+            VALUES ('run-' || $1::bigint, $2, $3, $4, 'training', $1::bigint) RETURNING {COLUMNS}""",
         run_id, base_model, parent_version, algorithm)
     await conn.execute("INSERT INTO adapter_events (version, from_status, to_status, actor, reason) "
                        "VALUES ($1, NULL, 'training', $2, $3)", row["version"], actor, f"training run {run_id}")
