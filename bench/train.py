@@ -61,23 +61,17 @@ RAMBLE = ("Well, that is a really interesting question, and honestly there are s
           "thing you have to decide for yourself, so I would rather not give you a direct answer right now.")
 
 
-def user(text: str) -> list[dict]:
-    return [{"role": "user", "content": text}]
-
-
-def assistant(text: str) -> list[dict]:
-    return [{"role": "assistant", "content": text}]
-
-
 def synthetic_data():
     from worker.data import Split, TrainingData
 
-    sft = [{"messages": user(q) + assistant(a)} for q, a in QA]
-    dpo = [{"prompt": user(q), "chosen": assistant(a), "rejected": assistant(RAMBLE.format(q=q))} for q, a in QA]
-    kto = [row for q, a in QA for row in ({"prompt": user(q), "completion": assistant(a), "label": True},
-                                          {"prompt": user(q), "completion": assistant(RAMBLE.format(q=q)),
-                                           "label": False})]
-    return TrainingData(sft=Split(sft), dpo=Split(dpo), kto=Split(kto))
+    def turn(role: str, text: str) -> list[dict]:
+        return [{"role": role, "content": text}]
+
+    rows = [(turn("user", q), turn("assistant", a), turn("assistant", RAMBLE.format(q=q))) for q, a in QA]
+    return TrainingData(sft=Split([{"messages": u + good} for u, good, _ in rows]),
+                        dpo=Split([{"prompt": u, "chosen": good, "rejected": bad} for u, good, bad in rows]),
+                        kto=Split([{"prompt": u, "completion": c, "label": c is good} for u, good, bad in rows
+                                   for c in (good, bad)]))
 
 
 def measure_one(args: argparse.Namespace, algorithm: str, dtype: str) -> dict:

@@ -18,6 +18,8 @@ from litestar.datastructures import State
 from litestar.di import Provide
 
 from service import db
+from service.adapters.events import keep_in_sync
+from service.adapters.routes import AdapterController
 from service.adapters.service import AdapterService
 from service.auth import authenticate, hash_key
 from service.chat.routes import ConversationController, OpenAIController
@@ -59,7 +61,9 @@ async def ready(state: State) -> Response[dict]:
     checks["engine"] = "ok" if health.ok else f"error: {health.detail or 'not running'}"
     ok = all(v == "ok" for v in checks.values())
     body = {"status": "ready" if ok else "not ready", "checks": checks, "model": health.model,
-            "loaded_adapters": health.loaded_adapters}
+            "loaded_adapters": health.loaded_adapters,
+            "serving": {alias: row["version"] if row else None for alias, row in state.adapters.aliases.items()},
+            "adapter_load_errors": {f"v{v}": e for v, e in state.adapters.load_errors.items()}}
     return Response(body, status_code=200 if ok else 503)
 
 
@@ -99,12 +103,14 @@ def create_app(settings: Settings) -> Litestar:
         try:
             await register_admin_key(state.pool, settings)
             await state.engine.start()
-            state.adapters = AdapterService(state.pool, state.engine, settings)
+            state.adapters = AdapterService(state.pool, state.engine, settings, state.redis)
             await state.adapters.reconcile()
+            sync = asyncio.create_task(keep_in_sync(state.adapters, state.redis, settings.rollout.reconcile_s))
             state.chat = ChatService(state.pool, state.redis, state.engine, state.adapters, settings, state.metrics)
             state.feedback = FeedbackService(state.pool, settings)
             log.info("serving %s with the %s engine", settings.base_model, settings.engine.engine)
             yield
+            sync.cancel()
         finally:
             await state.engine.stop()
             await state.redis.aclose()
@@ -112,7 +118,7 @@ def create_app(settings: Settings) -> Litestar:
 
     return Litestar(
         route_handlers=[health, ready, metrics, OpenAIController, ConversationController, FeedbackController,
-                        RunController],
+                        RunController, AdapterController],
         dependencies={"caller": Provide(authenticate)},
         lifespan=[lifespan],
         exception_handlers=exception_handlers,

@@ -56,8 +56,8 @@ def _respond(request: Request, status: int, code: str, detail: str, field: str |
     if request.url.path.startswith("/v1/"):
         body = {"error": {"message": detail, "type": code, "param": field, "code": status, **extra}}
         return Response(body, status_code=status, media_type=MediaType.JSON, headers=headers)
-    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail,
-            "code": code, **({"field": field} if field else {}), **extra}
+    body = {**extra, "type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail,
+            "code": code, **({"field": field} if field else {})}
     return Response(body, status_code=status, media_type="application/problem+json", headers=headers)
 
 

@@ -141,18 +141,24 @@ class Worker:
             data = await build_training_data(self.pool, t.heldout_fraction, t.max_owner_share)
             await runs.record_data(self.pool, run["id"], data.counts(), data.data_until, config.as_dict())
             plan_stages(config, data)  # NoUsableData before anything is created
+            production = await self.pool.fetchrow("SELECT version, path FROM adapters WHERE status = 'production'")
+            parent = production if production and config.start_from == "production" else None
             async with self.pool.acquire() as conn, conn.transaction():
                 row = await registry.create_training(conn, base_model=self.settings.base_model,
                                                      algorithm=config.algorithm, run_id=run["id"],
-                                                     parent_version=None, actor=self.id)
+                                                     parent_version=parent["version"] if parent else None,
+                                                     actor=self.id)
             version = row["version"]
             out_dir = self.settings.adapter_dir / str(version)
             loop = asyncio.get_running_loop()
             report = _Reporter(self, run["id"], loop)
             result = await asyncio.to_thread(train_adapter, config, data, self.settings.base_model, out_dir,
-                                             report, self.stop_training)
-            verdict = await asyncio.to_thread(evaluate, self.settings.base_model, str(out_dir), None, data,
-                                              GateConfig())
+                                             report, self.stop_training, parent["path"] if parent else None)
+            _write_lineage(out_dir, version=version, parent_version=row["parent_version"], run_id=run["id"],
+                           data_until=data.data_until, config=config.as_dict(), counts=data.counts())
+            # The bar to clear is what serves now: production, or the base when there is none.
+            verdict = await asyncio.to_thread(evaluate, self.settings.base_model, str(out_dir),
+                                              production["path"] if production else None, data, GateConfig())
             sha256, size = adapter_digest(out_dir)
             metrics = {**verdict.metrics, "gate_reasons": verdict.reasons, "stages": result.stages,
                        "train_seconds": result.seconds}
@@ -208,6 +214,11 @@ class _Reporter:
             await self.worker._publish(self.run_id, {"status": "running", "progress": progress})
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("progress of run %s not recorded: %s", self.run_id, exc)
+
+
+def _write_lineage(out_dir, **lineage) -> None:
+    """Where the adapter came from, beside its files (the checksum covers only config and weights)."""
+    (out_dir / "flywheel-lineage.json").write_text(_json(lineage))
 
 
 def _dead_here(worker: str) -> bool:

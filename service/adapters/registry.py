@@ -1,7 +1,9 @@
 """The adapter lifecycle (DESIGN.md "Adapter lifecycle"): the only code that changes an adapter's status.
 
 Each transition runs in the caller's transaction with the row locked, is checked against the allowed moves,
-and is written to ``adapter_events``. Publishing the change on Redis happens after commit, by the caller.
+and is written to ``adapter_events``. Operations that touch production or canary first take one transaction-level
+advisory lock, so concurrent promotions run one after the other instead of racing (the partial unique indexes
+would refuse a second production anyway). Publishing the change on Redis happens after commit, by the caller.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import asyncpg
 
 from service.adapters.store import COLUMNS
 from service.errors import Conflict, NotFound
+
+REGISTRY_LOCK_ID = 0x466C7972  # serialises operations on the live adapters
 
 ALLOWED = {
     "training": {"candidate", "rejected", "failed"},
@@ -43,7 +47,7 @@ async def transition(conn: asyncpg.Connection, version: int, to_status: str, *, 
         raise NotFound(f"no adapter version {version}", field="version")
     if to_status not in ALLOWED[current["status"]]:
         raise Conflict(f"adapter v{version} is {current['status']}; it cannot become {to_status}",
-                       extra={"status": current["status"]})
+                       extra={"current_status": current["status"]})
     columns = ["status = $2", "updated_at = now()"]
     values: list = [version, to_status]
     for name, value in updates.items():
@@ -54,3 +58,75 @@ async def transition(conn: asyncpg.Connection, version: int, to_status: str, *, 
     await conn.execute("INSERT INTO adapter_events (version, from_status, to_status, actor, reason) "
                        "VALUES ($1, $2, $3, $4, $5)", version, current["status"], to_status, actor, reason)
     return row
+
+
+async def _live(conn: asyncpg.Connection) -> dict[str, asyncpg.Record]:
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", REGISTRY_LOCK_ID)
+    rows = await conn.fetch(f"SELECT {COLUMNS} FROM adapters WHERE status IN ('production', 'canary') FOR UPDATE")
+    return {row["status"]: row for row in rows}
+
+
+async def promote(conn: asyncpg.Connection, version: int, *, actor: str, reason: str | None) -> asyncpg.Record:
+    """Make ``version`` production; the current production retires (it stays the rollback target)."""
+    live = await _live(conn)
+    current = live.get("production")
+    if current is not None and current["version"] == version:
+        raise Conflict(f"adapter v{version} is already production", extra={"current_status": "production"})
+    target = await conn.fetchrow("SELECT status FROM adapters WHERE version = $1", version)
+    if target is not None and "production" not in ALLOWED[target["status"]]:
+        raise Conflict(f"adapter v{version} is {target['status']}; it cannot become production",
+                       extra={"current_status": target["status"]})
+    if current is not None:
+        await transition(conn, current["version"], "retired", actor=actor, reason=f"replaced by v{version}")
+    return await transition(conn, version, "production", actor=actor, reason=reason, canary_percent=None)
+
+
+async def start_canary(conn: asyncpg.Connection, version: int, percent: int, *, actor: str,
+                       reason: str | None) -> asyncpg.Record:
+    live = await _live(conn)
+    if "canary" in live and live["canary"]["version"] != version:
+        raise Conflict(f"v{live['canary']['version']} is in canary already; promote or reject it first",
+                       extra={"current_status": "canary", "canary_version": live["canary"]["version"]})
+    return await transition(conn, version, "canary", actor=actor, reason=reason, canary_percent=percent)
+
+
+async def reject(conn: asyncpg.Connection, version: int, *, actor: str, reason: str | None) -> asyncpg.Record:
+    await _live(conn)
+    return await transition(conn, version, "rejected", actor=actor, reason=reason, canary_percent=None)
+
+
+async def retire(conn: asyncpg.Connection, version: int, *, actor: str, reason: str | None) -> asyncpg.Record:
+    await _live(conn)
+    return await transition(conn, version, "retired", actor=actor, reason=reason)
+
+
+async def rollback(conn: asyncpg.Connection, *, actor: str, reason: str | None) -> asyncpg.Record | None:
+    """Production back to the version that was production before it (or to the base model when none was);
+    the current one is marked rolled_back. Returns the new production row, None for the base."""
+    live = await _live(conn)
+    current = live.get("production")
+    if current is None:
+        raise Conflict("nothing to roll back: the base model is serving", extra={"current_status": None})
+    previous = await conn.fetchrow(
+        """SELECT e.version FROM adapter_events e JOIN adapters a ON a.version = e.version
+           WHERE e.to_status = 'production' AND e.version <> $1 AND a.status = 'retired'
+           ORDER BY e.id DESC LIMIT 1""", current["version"])
+    await transition(conn, current["version"], "rolled_back", actor=actor, reason=reason)
+    if previous is None:
+        return None
+    return await transition(conn, previous["version"], "production", actor=actor,
+                            reason=f"rollback from v{current['version']}")
+
+
+OPERATIONS = ("promote", "canary", "reject", "retire", "rollback")
+
+
+async def run_operation(conn: asyncpg.Connection, operation: str, version: int | None = None, *, actor: str,
+                        reason: str | None = None, percent: int | None = None) -> asyncpg.Record | None:
+    """One operator action by name, in the caller's transaction (the API and the CLI share it)."""
+    if operation == "rollback":
+        return await rollback(conn, actor=actor, reason=reason)
+    if operation == "canary":
+        return await start_canary(conn, version, percent, actor=actor, reason=reason)
+    action = {"promote": promote, "reject": reject, "retire": retire}[operation]
+    return await action(conn, version, actor=actor, reason=reason)

@@ -8,10 +8,11 @@ refused with a clear error while everything else keeps being served.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
+import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import asyncpg
 
 from service.adapters import store
 from service.adapters.files import AdapterFilesError, adapter_digest
-from service.auth import Caller
+from service.auth import Caller, Role
 from service.engine.base import BASE, AdapterLoadError, Engine
 from service.errors import ClientError, Conflict, NotFound, Unavailable
 from service.settings import Settings
@@ -37,6 +38,10 @@ class Target:
     label: str
 
 
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def engine_name(version: int) -> str:
     return f"v{version}"
 
@@ -48,15 +53,18 @@ def in_canary(caller: Caller, percent: int) -> bool:
 
 
 class AdapterService:
-    def __init__(self, pool: asyncpg.Pool, engine: Engine, settings: Settings):
-        self.pool, self.engine, self.settings = pool, engine, settings
+    def __init__(self, pool: asyncpg.Pool, engine: Engine, settings: Settings, redis=None):
+        self.pool, self.engine, self.settings, self.redis = pool, engine, settings, redis
+        # What `flywheel` means in this process: set by reconcile, so a promote flips it at once for new requests
+        # while running ones finish on their version; a version that fails to load leaves the old one in place.
+        self.aliases: dict[str, asyncpg.Record | None] = {"production": None, "canary": None}
+        self.load_errors: dict[int, str] = {}
 
     async def resolve(self, model: str, caller: Caller) -> Target:
         if model == BASE:
             return Target(BASE, None, BASE)
         if model in ("flywheel", "flywheel:canary"):
-            live = {row["status"]: row for row in await store.live(self.pool)}
-            canary, production = live.get("canary"), live.get("production")
+            canary, production = self.aliases["canary"], self.aliases["production"]
             if model == "flywheel:canary":
                 if canary is None:
                     raise NotFound("no adapter is in canary now", field="model")
@@ -88,12 +96,41 @@ class AdapterService:
             raise Unavailable(f"adapter v{row['version']} cannot be loaded: {exc}") from exc
 
     async def reconcile(self) -> None:
-        """Load and pin production and canary; an unloadable one is logged and skipped (the rest still serve)."""
-        live = await store.live(self.pool)
-        self.engine.pin({engine_name(row["version"]) for row in live})
-        for row in live:
-            with contextlib.suppress(Unavailable):
+        """Make this process serve what the registry says: load production and canary, then flip the aliases.
+
+        An adapter that cannot be loaded is not served: the alias keeps its previous version, the failure is
+        logged, kept for /ready and recorded once in the registry's events.
+        """
+        live = {row["status"]: row for row in await store.live(self.pool)}
+        previous = await self.pool.fetchrow(
+            """SELECT a.version FROM adapter_events e JOIN adapters a ON a.version = e.version
+               WHERE e.to_status = 'retired' AND e.from_status = 'production' AND a.status = 'retired'
+               ORDER BY e.id DESC LIMIT 1""")
+        keep = {engine_name(r["version"]) for r in live.values()}
+        for alias in ("production", "canary"):
+            row = live.get(alias)
+            if row is None:
+                self.aliases[alias] = None
+                continue
+            try:
                 await self.ensure_loaded(row)
+            except Unavailable as exc:
+                await self._record_load_failure(row, str(exc))
+                continue
+            self.load_errors.pop(row["version"], None)
+            self.aliases[alias] = row
+        keep |= {engine_name(r["version"]) for r in self.aliases.values() if r is not None}
+        if previous is not None:
+            keep.add(engine_name(previous["version"]))  # the rollback target stays warm
+        self.engine.pin(keep)
+
+    async def _record_load_failure(self, row, error: str) -> None:
+        if self.load_errors.get(row["version"]) == error:
+            return
+        self.load_errors[row["version"]] = error
+        await self.pool.execute(
+            "INSERT INTO adapter_events (version, from_status, to_status, actor, reason) VALUES ($1, $2, $2, $3, $4)",
+            row["version"], row["status"], f"service {worker_id()}", f"load failed: {error}")
 
     async def load_by_path(self, name: str, path: str, caller: Caller):
         """`POST /v1/load_lora_adapter`: register the folder as a candidate (once) and load it."""
@@ -140,8 +177,7 @@ class AdapterService:
 
     async def models(self) -> list[dict]:
         """OpenAI's model list: base, the aliases, and every loaded version with its parent."""
-        live = {row["status"]: row for row in await store.live(self.pool)}
-        production, canary = live.get("production"), live.get("canary")
+        production, canary = self.aliases["production"], self.aliases["canary"]
         entries = [{"id": BASE, "parent": None},
                    {"id": "flywheel", "parent": f"flywheel:v{production['version']}" if production else BASE}]
         if canary:
@@ -154,3 +190,33 @@ class AdapterService:
             entries.append({"id": f"flywheel:v{row['version']}", "parent": parent, "name": row["name"],
                             "status": row["status"]})
         return [{"object": "model", "owned_by": "flywheel", "root": self.settings.base_model, **e} for e in entries]
+
+    # --- operators -------------------------------------------------------------------------------------------
+    async def operate(self, caller: Caller, operation: str, version: int | None = None, **options) -> dict:
+        """Run a registry operation (promote, canary, reject, retire, rollback), then tell every process."""
+        from service.adapters import registry
+        from service.adapters.events import publish
+
+        caller.require(Role.operator)
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await registry.run_operation(conn, operation, version, actor=caller.name, **options)
+        if self.redis is not None:
+            await publish(self.redis, {"operation": operation, "version": row["version"] if row else None})
+        await self.reconcile()  # this process switches before answering
+        return {"operation": operation, "adapter": dict(row) if row else None,
+                "serving": {a: r["version"] if r else None for a, r in self.aliases.items()}}
+
+    async def describe(self, caller: Caller, version: int) -> dict:
+        caller.require(Role.operator)
+        row = await store.get(self.pool, version)
+        if row is None:
+            raise NotFound(f"no adapter version {version}", field="version")
+        events = await self.pool.fetch("SELECT from_status, to_status, actor, reason, at FROM adapter_events "
+                                       "WHERE version = $1 ORDER BY id", version)
+        return {**dict(row), "events": [dict(e) for e in events], "load_error": self.load_errors.get(version)}
+
+    async def listing(self, caller: Caller, status: str | None) -> list[dict]:
+        caller.require(Role.operator)
+        rows = await self.pool.fetch(f"SELECT {store.COLUMNS} FROM adapters WHERE $1::text IS NULL OR status = $1 "
+                                     "ORDER BY version DESC", status)
+        return [dict(r) for r in rows]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -78,6 +80,8 @@ async def test_enough_new_feedback_triggers_a_run_that_registers_a_gated_adapter
     assert adapter["status"] in ("candidate", "rejected") and adapter["status"] == run["metrics"]["verdict"]
     assert {"candidate_accuracy", "kl_from_base", "stages", "gate_reasons"} <= set(adapter["metrics"])
     assert adapter_digest(adapter["path"]) == (adapter["sha256"], adapter["size_bytes"])
+    lineage = json.loads((Path(adapter["path"]) / "flywheel-lineage.json").read_text())
+    assert lineage["run_id"] == run_id and lineage["parent_version"] is None and lineage["config"]["max_steps"] == 2
     events = await pool.fetch("SELECT from_status, to_status FROM adapter_events WHERE version = $1 ORDER BY id",
                               adapter["version"])
     assert [(e["from_status"], e["to_status"]) for e in events] == [(None, "training"),
