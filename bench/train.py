@@ -10,11 +10,12 @@
   for DPO and KTO. A second table sets bfloat16 against float32 per algorithm: speed-up and what each learned.
 * Cycle: on a scratch database (--database-url, created and migrated here, dropped at the end unless --keep) and
   Redis (--redis-url), 8 keys own 32 conversations whose prompt has a short answer thumbed up and a rambling one
-  thumbed down (edited instead on every fourth): 64 feedback items. One ``Worker.cycle()`` (FLYWHEEL_TRAIN_MIN_NEW
+  thumbed down (edited instead on the last 8): 64 feedback items. One ``Worker.cycle()`` (FLYWHEEL_TRAIN_MIN_NEW
   =32, algorithm auto) is timed from the trigger check to the registered adapter. Target: under 600 s.
 
-Writes JSON to bench/results/train-<UTC timestamp>.json (or --out). Exits 1 if a measurement failed.
-Run: ``python bench/train.py`` (several minutes on 2 cores; never touches the network).
+Writes JSON to bench/results/train-<UTC timestamp>.json (or --out), with the load average at the end (other work on
+the machine slows every step). Exits 1 if a measurement failed or the run did not succeed.
+Run: ``python bench/train.py`` (tens of minutes on 2 CPU cores; it never touches the network).
 """
 
 import argparse
@@ -37,8 +38,10 @@ from serve import format_table  # bench/serve.py, importable when this file runs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCRATCH = Path("/tmp/bench-train")
+DATA_DIR = SCRATCH / "data"  # the worker's FLYWHEEL_DATA_DIR: its adapters
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/flywheel_benchtrain"
 TARGET_S = 600.0
+FINE = {"loss_first", "loss_last", "margin_first", "margin_last", "moved", "fp32_moved", "bf16_moved"}  # 4 places
 QA = [
     ("What is the capital of France?", "Paris."), ("How do I boil an egg?", "Simmer it for 9 minutes, then cool it."),
     ("Why is the sky blue?", "Air scatters blue sunlight more than red."),
@@ -94,8 +97,7 @@ def measure_one(args: argparse.Namespace, algorithm: str, dtype: str) -> dict:
     gaps = [b[0] - a[0] for a, b in zip(reports, reports[1:], strict=False)]
     first, last = (reports[0][1], reports[-1][1]) if reports else ({}, {})
     key = "loss" if algorithm == "sft" else "rewards/margins"
-    moved = None if key not in first or key not in last else \
-        (first[key] - last[key] if algorithm == "sft" else last[key] - first[key])
+    moved = (last[key] - first[key]) * (-1 if algorithm == "sft" else 1) if key in first and key in last else None
     return {"algorithm": algorithm, "dtype": dtype, "steps": len(reports),
             "s_per_step": sum(gaps) / len(gaps) if gaps else None, "train_s": result.seconds,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -106,10 +108,9 @@ def measure_one(args: argparse.Namespace, algorithm: str, dtype: str) -> dict:
 def run_one(args: argparse.Namespace, algorithm: str, dtype: str) -> dict:
     """measure_one in a fresh subprocess; its JSON is the last line of its stdout."""
     print(f"training {algorithm} {dtype} ...", file=sys.stderr)
-    cmd = [sys.executable, __file__, "--one", algorithm, dtype, "--json", "--steps", str(args.steps),
-           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--base-model",
-           str(args.base_model)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, __file__, "--one", algorithm, dtype, "--json", "--steps", str(args.steps),
+                           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+                           "--base-model", str(args.base_model)], capture_output=True, text=True)
     if proc.returncode == 0 and proc.stdout.strip():
         return json.loads(proc.stdout.strip().splitlines()[-1])
     return {"algorithm": algorithm, "dtype": dtype, "error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
@@ -120,8 +121,7 @@ def compare_dtypes(rows: list[dict]) -> list[dict]:
     by = {(r["algorithm"], r["dtype"]): r for r in rows if "error" not in r}
     out = []
     for algorithm in dict.fromkeys(r["algorithm"] for r in rows):
-        fp, bf = by.get((algorithm, "float32")), by.get((algorithm, "bfloat16"))
-        if not (fp and bf):
+        if not (fp := by.get((algorithm, "float32"))) or not (bf := by.get((algorithm, "bfloat16"))):
             continue
         speedup = fp["s_per_step"] / bf["s_per_step"] if fp["s_per_step"] and bf["s_per_step"] else None
         ok = fp["moved"] is not None and bf["moved"] is not None
@@ -129,6 +129,11 @@ def compare_dtypes(rows: list[dict]) -> list[dict]:
                     "bf16_speedup": speedup, "fp32_moved": fp["moved"], "bf16_moved": bf["moved"],
                     "bf16_learned_less": None if not ok else "yes" if bf["moved"] < fp["moved"] else "no"})
     return out
+
+
+def cells(row: dict) -> list:
+    """A row's table cells: losses, margins and moves to 4 places (2 would hide what bfloat16 moved)."""
+    return [f"{v:.4f}" if k in FINE and v is not None else v for k, v in row.items()]
 
 
 async def seed(conn: asyncpg.Connection, owners: int = 8) -> int:
@@ -144,7 +149,9 @@ async def seed(conn: asyncpg.Connection, owners: int = 8) -> int:
         messages += [(question, conv, None, "user", q), (short, conv, question, "assistant", a),
                      (ramble, conv, question, "assistant", RAMBLE.format(q=q))]
         feedback.append((short, owner, "thumb", 1, None))
-        feedback.append((ramble, owner, "edit", None, a) if i % 4 == 3 else (ramble, owner, "thumb", -1, None))
+        # the last rambles, one per owner so that the owner cap keeps them all, are edited rather than thumbed down
+        edit = i >= len(prompts) - owners
+        feedback.append((ramble, owner, "edit", None, a) if edit else (ramble, owner, "thumb", -1, None))
     await conn.copy_records_to_table("conversations", records=convs, columns=["id", "owner", "title"])
     await conn.copy_records_to_table("messages", records=messages,
                                      columns=["id", "conversation_id", "parent_id", "role", "content"])
@@ -166,50 +173,38 @@ async def cycle_bench(args: argparse.Namespace) -> dict:
     await db.migrate(conn)
     if not created and await conn.fetchval("SELECT count(*) FROM feedback"):
         await conn.close()
-        sys.exit(f"{args.database_url} already holds feedback: drop it or pass another --database-url")
-    data_dir, redis = SCRATCH / "data", aioredis.from_url(args.redis_url)
-    pool = None
+        raise RuntimeError(f"{args.database_url} already holds feedback: drop it or pass another --database-url")
+    pool, redis = await db.create_pool(args.database_url, 4), aioredis.from_url(args.redis_url)
     try:
         if await redis.exists(LOCK_KEY):
-            sys.exit(f"{LOCK_KEY} is held in {args.redis_url}: is a worker using it? pass another --redis-url")
+            raise RuntimeError(f"{LOCK_KEY} is held in {args.redis_url}: is a worker using it? use another --redis-url")
         items = await seed(conn)
         settings = Settings.from_env({
             "FLYWHEEL_DATABASE_URL": args.database_url, "FLYWHEEL_REDIS_URL": args.redis_url,
-            "FLYWHEEL_DATA_DIR": str(data_dir), "FLYWHEEL_BASE_MODEL": str(args.base_model),
+            "FLYWHEEL_DATA_DIR": str(DATA_DIR), "FLYWHEEL_BASE_MODEL": str(args.base_model),
             "FLYWHEEL_TRAIN_MIN_NEW": "32", "FLYWHEEL_TRAIN_ALGORITHM": "auto"})
-        pool = await db.create_pool(args.database_url, 4)
         print(f"running Worker.cycle() on {items} feedback items ...", file=sys.stderr)
         start = time.perf_counter()
         run_id = await Worker(settings, pool, redis).cycle()
         seconds = time.perf_counter() - start
-        run = await pool.fetchrow("SELECT status, error, counts, metrics FROM training_runs WHERE id = $1", run_id)
-        adapter = await pool.fetchrow("SELECT version, status, metrics FROM adapters WHERE run_id = $1 "
-                                      "ORDER BY version DESC LIMIT 1", run_id)
+        if run_id is None:
+            raise RuntimeError(f"Worker.cycle() started no run on {items} feedback items")
+        row = await pool.fetchrow(
+            "SELECT r.id AS run_id, r.status AS run_status, r.error AS run_error, r.counts, a.version AS adapter, "
+            "a.status AS verdict, a.metrics FROM training_runs r LEFT JOIN adapters a ON a.run_id = r.id "
+            "WHERE r.id = $1 ORDER BY a.version DESC LIMIT 1", run_id)
     finally:
         await conn.close()
         await redis.aclose()
-        if pool is not None:
-            await pool.close()
-        if not args.keep:
-            await drop_database(args.database_url)
-            shutil.rmtree(data_dir, ignore_errors=True)
-    metrics = (adapter or {}).get("metrics") or {}
-    return {"items": items, "run_id": run_id, "seconds": seconds, "run_status": run and run["status"],
-            "run_error": run and run["error"], "counts": run and run["counts"],
-            "stages": [(s["algorithm"], s["steps"]) for s in metrics.get("stages", [])],
-            "train_seconds": metrics.get("train_seconds"), "adapter_version": adapter and adapter["version"],
-            "verdict": adapter and adapter["status"], "gate_reasons": metrics.get("gate_reasons"),
-            "candidate_accuracy": metrics.get("candidate_accuracy"), "kl_from_base": metrics.get("kl_from_base")}
-
-
-async def drop_database(url: str) -> None:
-    parts = urlsplit(url)
-    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
-    try:
-        name = parts.path.lstrip("/").replace('"', '""')
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+        await pool.close()
+        if not args.keep:  # a scratch database: drop it, connected to the server's postgres database
+            parts = urlsplit(args.database_url)
+            admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+            name = parts.path.lstrip("/").replace('"', '""')
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await admin.close()
+            shutil.rmtree(DATA_DIR, ignore_errors=True)
+    return {"items": items, "seconds": seconds, **dict(row), "metrics": row["metrics"] or {}}
 
 
 def main() -> None:
@@ -248,15 +243,20 @@ def main() -> None:
     rows = [] if args.skip_steps else [run_one(args, a, d) for a, d in pairs]
     measured, failed = [r for r in rows if "error" not in r], [r for r in rows if "error" in r]
     dtype_rows = compare_dtypes(rows)
-    cycle = None if args.skip_cycle else asyncio.run(cycle_bench(args))
+    cycle, cycle_error = None, None
+    try:  # a failure here must not lose the step measurements
+        cycle = None if args.skip_cycle else asyncio.run(cycle_bench(args))
+    except Exception as exc:
+        cycle_error = f"{type(exc).__name__}: {exc}"
 
     if measured:
         print(format_table(["algorithm", "dtype", "steps", "s/step", "train s", "peak RSS MiB", "loss first",
-                            "loss last", "margin first", "margin last", "moved"], [list(r.values()) for r in measured]))
-        print("\nmoved: loss drop (sft) or rewards/margins gain (dpo, kto) from the first logged step to the last\n")
+                            "loss last", "margin first", "margin last", "moved"], [cells(r) for r in measured]))
+        print("\nmoved: loss drop (sft) or rewards/margins gain (dpo, kto) from the first logged step to the last. "
+              "Both dtypes\nsee the same batches in the same order (seed 0): compare moved across dtypes.\n")
     if dtype_rows:
         print(format_table(["algorithm", "fp32 s/step", "bf16 s/step", "bf16 speed-up", "fp32 moved", "bf16 moved",
-                            "bf16 learned less"], [list(r.values()) for r in dtype_rows]))
+                            "bf16 learned less"], [cells(r) for r in dtype_rows]))
         print()
     checks = []
     if cycle:
@@ -264,24 +264,27 @@ def main() -> None:
         checks.append({"check": f"trigger -> registered adapter, {cycle['items']} items (s)",
                        "value": cycle["seconds"], "target": f"< {TARGET_S:.0f}",
                        "result": "PASS" if ok and cycle["seconds"] < TARGET_S else "FAIL"})
+        m = cycle["metrics"]
         print(format_table(["run", "status", "stages (steps)", "train s", "adapter", "verdict", "accuracy", "KL"],
-                           [[cycle["run_id"], cycle["run_status"], " ".join(f"{a}({n})" for a, n in cycle["stages"]),
-                             cycle["train_seconds"], cycle["adapter_version"], cycle["verdict"],
-                             cycle["candidate_accuracy"], cycle["kl_from_base"]]]))
-        print(f"\ncounts: {cycle['counts']}\ngate: {cycle['gate_reasons'] or cycle['run_error']}\n")
+                           [[cycle["run_id"], cycle["run_status"], " ".join(f"{s['algorithm']}({s['steps']})" for s in
+                             m.get("stages", [])), m.get("train_seconds"), cycle["adapter"], cycle["verdict"],
+                             m.get("candidate_accuracy"), m.get("kl_from_base")]]))
+        print(f"\ncounts: {cycle['counts']}\ngate: {m.get('gate_reasons') or cycle['run_error'] or 'passed'}\n")
         print(format_table(["check", "value", "target", "result"], [list(c.values()) for c in checks]))
     for r in failed:
         print(f"\n{r['algorithm']} {r['dtype']} failed: {r['error']}")
+    if cycle_error:
+        print(f"\nWorker.cycle() measurement failed: {cycle_error}")
 
     out = args.out or RESULTS_DIR / f"train-{created:%Y%m%dT%H%M%SZ}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     hidden = ("one", "json", "out", "database_url", "redis_url")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in hidden}
     report = {"created_utc": created.isoformat(), "settings": settings, "steps": rows, "dtypes": dtype_rows,
-              "cycle": cycle, "checks": checks}
+              "cycle": cycle, "cycle_error": cycle_error, "checks": checks, "load_average": os.getloadavg()}
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"\nwrote {out}")
-    sys.exit(1 if failed or (cycle and cycle["run_status"] != "succeeded") else 0)
+    sys.exit(1 if failed or cycle_error or (cycle and cycle["run_status"] != "succeeded") else 0)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,12 @@ class RolloutSettings(msgspec.Struct, frozen=True, kw_only=True):
     canary_percent: Annotated[int, _doc("Share of callers routed to a canary adapter.", ge=1, le=50)] = 10
     rollout_min_votes: Annotated[int, _doc("Thumbs each arm needs before a canary is decided.", ge=1)] = 50
     rollout_alpha: Annotated[float, _doc("Significance level of the canary's two-proportion test.", gt=0, lt=1)] = 0.05
+    rollout_max_drop: Annotated[
+        float, _doc("Approval a canary may lose against production and still be promoted.", ge=0, lt=1)
+    ] = 0.05
+    rollout_max_canary_hours: Annotated[
+        float, _doc("A canary without enough votes after this long is rejected.", gt=0)
+    ] = 72.0
     auto_rollout: Annotated[bool, _doc("Let the worker canary, promote and roll back by itself.")] = True
     reconcile_s: Annotated[
         float, _doc("Seconds between each process's reconcile of loaded adapters from Postgres.", gt=0)

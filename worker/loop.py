@@ -23,10 +23,13 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from service.adapters import registry
+from service.adapters.events import publish as publish_adapters
 from service.adapters.files import adapter_digest
 from service.app import open_database
+from service.errors import Conflict
 from service.runs import store as runs
 from service.settings import Settings
+from worker import rollout
 from worker.data import build_training_data, count_new_feedback
 from worker.evaluate import GateConfig, evaluate
 from worker.train import Cancelled, NoUsableData, TrainConfig, plan_stages, train_adapter
@@ -104,6 +107,7 @@ class Worker:
             return None
         try:
             await self.recover(holding_lock=True)
+            await self.roll_out()
             run = await self._claim_queued() or await self._triggered()
             if run is None:
                 return None
@@ -111,6 +115,17 @@ class Worker:
             return run["id"]
         finally:
             await self.release_lock()
+
+    async def roll_out(self) -> None:
+        """Decide the running canary from its live votes (FLYWHEEL_AUTO_ROLLOUT)."""
+        r = self.settings.rollout
+        if not r.auto_rollout:
+            return
+        decision = await rollout.step(self.pool, min_votes=r.rollout_min_votes, max_drop=r.rollout_max_drop,
+                                      alpha=r.rollout_alpha, max_hours=r.rollout_max_canary_hours, actor=self.id)
+        if decision and decision.action != "wait":
+            log.info("canary %s: %s", decision.action, decision.numbers)
+            await publish_adapters(self.redis, {"operation": decision.action, "by": "rollout"})
 
     async def _claim_queued(self):
         queued = await runs.oldest_queued(self.pool)
@@ -170,6 +185,8 @@ class Worker:
                 await runs.finish(conn, run["id"], "succeeded", metrics={"adapter_version": version,
                                                                           "verdict": status, **metrics})
             await self._publish(run["id"], {"status": "succeeded", "adapter_version": version, "verdict": status})
+            if verdict.passed and self.settings.rollout.auto_rollout:
+                await self._start_canary(version)
             log.info("run %s: adapter v%s is %s", run["id"], version, status)
         except NoUsableData as exc:
             await self._fail(run["id"], None, status="succeeded", version=version, note=str(exc))
@@ -181,6 +198,17 @@ class Worker:
             await self._fail(run["id"], f"{type(exc).__name__}: {exc}", status="failed", version=version)
         finally:
             keeper.cancel()
+
+    async def _start_canary(self, version: int) -> None:
+        """A candidate that passed the gate meets real users: a canary at FLYWHEEL_CANARY_PERCENT."""
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await registry.start_canary(conn, version, self.settings.rollout.canary_percent, actor=self.id,
+                                            reason="passed the gate")
+        except Conflict as exc:  # another canary is still being decided: this one waits as a candidate
+            log.info("v%s stays a candidate: %s", version, exc)
+            return
+        await publish_adapters(self.redis, {"operation": "canary", "version": version, "by": "rollout"})
 
     async def _fail(self, run_id: int, error: str | None, *, status: str, version: int | None = None,
                     note: str | None = None) -> None:

@@ -77,15 +77,17 @@ async def test_enough_new_feedback_triggers_a_run_that_registers_a_gated_adapter
     assert run["counts"]["sft_train"] + run["counts"]["sft_heldout"] == 12 and run["data_until"] is not None
     assert run["progress"]["step"] == 2 and run["params"]["max_steps"] == 2
     adapter = await pool.fetchrow("SELECT * FROM adapters WHERE run_id = $1", run_id)
-    assert adapter["status"] in ("candidate", "rejected") and adapter["status"] == run["metrics"]["verdict"]
+    verdict = run["metrics"]["verdict"]
+    assert verdict in ("candidate", "rejected")
+    assert adapter["status"] == ("canary" if verdict == "candidate" else "rejected")  # a passing one meets users
     assert {"candidate_accuracy", "kl_from_base", "stages", "gate_reasons"} <= set(adapter["metrics"])
     assert adapter_digest(adapter["path"]) == (adapter["sha256"], adapter["size_bytes"])
     lineage = json.loads((Path(adapter["path"]) / "flywheel-lineage.json").read_text())
     assert lineage["run_id"] == run_id and lineage["parent_version"] is None and lineage["config"]["max_steps"] == 2
     events = await pool.fetch("SELECT from_status, to_status FROM adapter_events WHERE version = $1 ORDER BY id",
                               adapter["version"])
-    assert [(e["from_status"], e["to_status"]) for e in events] == [(None, "training"),
-                                                                    ("training", adapter["status"])]
+    path = [(None, "training"), ("training", verdict)] + ([("candidate", "canary")] if verdict == "candidate" else [])
+    assert [(e["from_status"], e["to_status"]) for e in events] == path
     assert await redis.get(LOCK_KEY) is None  # released after the run
     assert await worker.cycle() is None  # the watermark moved: the same feedback does not trigger again
 
@@ -166,3 +168,38 @@ async def test_sigterm_cancels_the_run_cleanly(settings, backends, default_model
     assert run["status"] == "cancelled" and run["finished_at"] is not None
     assert await pool.fetchval("SELECT status FROM adapters WHERE run_id = $1", queued["id"]) == "failed"
     assert await redis.get(LOCK_KEY) is None
+
+
+async def _votes(pool, version, up: int, down: int) -> None:
+    owner = await pool.fetchval("INSERT INTO api_keys (name, role, key_hash, key_prefix) VALUES ($1, 'user', $1, "
+                                "'fw-') RETURNING id", f"voter-{version}-{up}-{down}")
+    cid = await pool.fetchval("INSERT INTO conversations (owner) VALUES ($1) RETURNING id", owner)
+    for value in [1] * up + [-1] * down:
+        message = await pool.fetchval(
+            "INSERT INTO messages (conversation_id, role, content, adapter_version, completion_tokens) "
+            "VALUES ($1, 'assistant', 'a', $2, 1) RETURNING id", cid, version)
+        await pool.execute("INSERT INTO feedback (message_id, owner, kind, value) VALUES ($1, $2, 'thumb', $3)",
+                           message, owner, value)
+
+
+@pytest.mark.parametrize(("canary_votes", "expected"), [((70, 10), "production"), ((20, 60), "rejected")])
+async def test_auto_rollout_promotes_a_better_canary_and_rejects_a_worse_one(settings, backends, canary_votes,
+                                                                          expected):
+    from service.adapters import registry
+
+    pool, redis = backends
+    versions = [await pool.fetchval("INSERT INTO adapters (name, base_model, algorithm, status, path, sha256, "
+                                    "size_bytes) VALUES ($1, 'b', 'sft', 'candidate', '/x', $2, 1) RETURNING version",
+                                    name, "0" * 64) for name in ("prod", "new")]
+    async with pool.acquire() as conn, conn.transaction():
+        await registry.promote(conn, versions[0], actor="test", reason=None)
+        await registry.start_canary(conn, versions[1], 10, actor="test", reason=None)
+    await _votes(pool, versions[0], 40, 40)
+    await _votes(pool, versions[1], *canary_votes)
+    worker = Worker(settings, pool, redis)
+    await worker.roll_out()
+    assert await pool.fetchval("SELECT status FROM adapters WHERE version = $1", versions[1]) == expected
+    reason = await pool.fetchval("SELECT reason FROM adapter_events WHERE version = $1 ORDER BY id DESC LIMIT 1",
+                                 versions[1])
+    numbers = json.loads(reason)
+    assert numbers["canary"]["up"] == canary_votes[0] and numbers["production"]["votes"] == 80 and "p" in numbers
