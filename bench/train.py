@@ -260,7 +260,8 @@ def main() -> None:
         print()
     checks = []
     if cycle:
-        ok = cycle["run_status"] == "succeeded" and cycle["verdict"] in ("candidate", "rejected")
+        # A gate-passing adapter is a candidate, or already a canary when FLYWHEEL_AUTO_ROLLOUT is on.
+        ok = cycle["run_status"] == "succeeded" and cycle["verdict"] in ("candidate", "canary", "rejected")
         checks.append({"check": f"trigger -> registered adapter, {cycle['items']} items (s)",
                        "value": cycle["seconds"], "target": f"< {TARGET_S:.0f}",
                        "result": "PASS" if ok and cycle["seconds"] < TARGET_S else "FAIL"})
