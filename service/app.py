@@ -28,6 +28,7 @@ from service.engine import create_engine
 from service.errors import exception_handlers
 from service.feedback.routes import FeedbackController
 from service.feedback.service import FeedbackService
+from service.keys.routes import KeyController
 from service.metrics import Metrics
 from service.runs.routes import RunController
 from service.settings import Settings
@@ -118,7 +119,7 @@ def create_app(settings: Settings) -> Litestar:
 
     return Litestar(
         route_handlers=[health, ready, metrics, OpenAIController, ConversationController, FeedbackController,
-                        RunController, AdapterController],
+                        RunController, AdapterController, KeyController],
         dependencies={"caller": Provide(authenticate)},
         lifespan=[lifespan],
         exception_handlers=exception_handlers,

@@ -45,8 +45,22 @@ async def start(conn: Conn, run_id: int, worker: str):
         return None
 
 
+# What each logged step keeps in progress.history, so the UI can plot a run step by step (progress itself is only
+# the latest report); TRL's DPO and KTO trainers both log their reward margin as "rewards/margins".
+HISTORY_KEYS = ("stage", "step", "loss", "rewards/margins")
+
+
 async def progress(conn: Conn, run_id: int, progress: dict) -> None:
-    await conn.execute("UPDATE training_runs SET progress = $2, heartbeat_at = now() WHERE id = $1", run_id, progress)
+    """Store the latest report and append its loss and reward margin to progress.history."""
+    point = {k: progress[k] for k in HISTORY_KEYS if k in progress}
+    # The trainer's closing report (runtime, mean train_loss) is not a step: it updates progress, not the history.
+    points = [point] if "loss" in point or "rewards/margins" in point else []
+    await conn.execute(
+        """UPDATE training_runs
+           SET progress = $2::jsonb || jsonb_build_object(
+                   'history', coalesce(progress->'history', '[]'::jsonb) || $3::jsonb),
+               heartbeat_at = now()
+           WHERE id = $1""", run_id, progress, points)
 
 
 async def record_data(conn: Conn, run_id: int, counts: dict, data_until: datetime, params: dict) -> None:
