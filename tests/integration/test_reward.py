@@ -1,0 +1,92 @@
+"""The reward model on the real default model, trained a few steps on a clearly separable preference: polite,
+complete answers over "I don't know." and gibberish. It must order held-out pairs (questions it never saw) the
+same way, record that accuracy beside the saved version, and give the same finite scores once reloaded."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from worker.data import Split, TrainingData
+from worker.reward import RewardModel, RewardTrainConfig, train_reward_model, versions
+
+pytestmark = pytest.mark.slow
+
+QA = [
+    ("How do I boil an egg?", "Put the egg in boiling water for nine minutes, then cool it in cold water."),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Why is the sky blue?", "Air scatters blue sunlight more than red light, so the sky looks blue."),
+    ("How can I sleep better?", "Keep a regular bedtime and avoid screens for an hour before sleep."),
+    ("What is a healthy breakfast?", "Oats with fruit and yoghurt make a healthy, filling breakfast."),
+    ("How do I make tea?", "Pour just-boiled water over a tea bag and let it steep for three minutes."),
+    ("Why do cats purr?", "Cats mostly purr when they feel calm and content."),
+    ("What should I pack for a hike?", "Pack water, snacks, a map, warm layers and a small first-aid kit."),
+    ("How many minutes are in a day?", "There are 1,440 minutes in a day."),
+    ("How do I water a cactus?", "Water it deeply every two to three weeks and let the soil dry out in between."),
+    ("What is a good name for a dog?", "Biscuit is a friendly name for a dog."),
+    ("Why do leaves fall in autumn?", "Trees drop their leaves to save water and energy through the winter."),
+    ("How do I clean a mirror?", "Spray it with glass cleaner and wipe it with a dry microfibre cloth."),
+    ("What is 15 percent of 200?", "Fifteen percent of 200 is 30."),
+    ("How do I stay focused?", "Work in short blocks, silence your phone and take a break every hour."),
+    ("Who wrote Hamlet?", "Hamlet was written by William Shakespeare."),
+    # held out: the model never trains on these questions
+    ("How do I cook pasta?", "Boil salted water, add the pasta and cook it for about ten minutes."),
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
+    ("Why do we need water?", "Our bodies need water to control temperature and carry nutrients."),
+    ("How can I save money?", "Set a monthly budget and move some money to savings on payday."),
+    ("What is a good houseplant?", "A snake plant is easy to keep and needs little light."),
+    ("How do I tie my shoes?", "Make two loops, cross them, and pull one through the gap."),
+    ("Why do birds migrate?", "Birds migrate to find food and warmer weather for the winter."),
+    ("How many days are in a week?", "There are seven days in a week."),
+]
+TRAIN, HELDOUT = QA[:16], QA[16:]
+
+
+def _gibberish(rng: random.Random) -> str:
+    return " ".join("".join(rng.choice("qxzjvkwprtbn") for _ in range(rng.randint(3, 8))) for _ in range(6))
+
+
+def separable(pairs: list[tuple[str, str]], seed: int) -> tuple[list[dict], list[dict]]:
+    """(DPO rows, KTO rows): the good answer over a non-answer, and the same as up and down thumbs."""
+    rng = random.Random(seed)
+    dpo, kto = [], []
+    for i, (question, answer) in enumerate(pairs):
+        prompt = [{"role": "user", "content": question}]
+        bad = "I don't know." if i % 2 else _gibberish(rng)
+        dpo.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": answer}],
+                    "rejected": [{"role": "assistant", "content": bad}]})
+        kto.append({"prompt": prompt, "completion": [{"role": "assistant", "content": answer if i % 2 else bad}],
+                    "label": bool(i % 2)})
+    return dpo, kto
+
+
+def test_the_reward_model_orders_held_out_pairs_and_records_its_accuracy(default_model, tmp_path):
+    (train_dpo, train_kto), (heldout_dpo, heldout_kto) = separable(TRAIN, 0), separable(HELDOUT, 1)
+    data = TrainingData(dpo=Split(train_dpo, heldout_dpo), kto=Split(train_kto, heldout_kto))
+    config = RewardTrainConfig(max_steps=6, batch_size=4, max_length=128, learning_rate=3e-4, thumb_pairs=1)
+    progress = []
+    result = train_reward_model(config, data, str(default_model), tmp_path / "reward", on_progress=progress.append)
+
+    metrics = result.metrics
+    assert result.version == 1 and versions(tmp_path / "reward") == [1]
+    assert metrics["counts"] == {"train_pairs": 16, "train_thumb_pairs": 8, "heldout_pairs": 8,
+                                 "heldout_thumb_pairs": 4, "truncated": 0}
+    assert metrics["steps"] == 6 and any("loss" in p for p in progress)
+    assert metrics["loss_last"] < metrics["loss_first"]  # it learned the preference it optimises
+    assert metrics["heldout_accuracy"] >= 0.9, metrics  # chance is 0.5
+    assert metrics["heldout_margin"] > 0
+    recorded = json.loads((tmp_path / "reward" / "1.json").read_text())
+    assert recorded["heldout_accuracy"] == metrics["heldout_accuracy"] and recorded["version"] == 1
+
+    judge = RewardModel.latest(tmp_path / "reward", str(default_model))
+    assert judge is not None and judge.version == 1 and judge.trusted(0.9)
+    prompts = [r["prompt"] for r in heldout_dpo]
+    chosen = judge.score(prompts, [r["chosen"][0]["content"] for r in heldout_dpo])
+    rejected = judge.score(prompts, [r["rejected"][0]["content"] for r in heldout_dpo])
+    assert all(math.isfinite(s) for s in chosen + rejected)
+    reloaded_accuracy = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(chosen)
+    assert reloaded_accuracy >= 0.85, (chosen, rejected)
+    assert abs(reloaded_accuracy - metrics["heldout_pair_accuracy"]) < 1e-9  # the saved model is the measured one
