@@ -60,6 +60,9 @@ async def ready(state: State) -> Response[dict]:
         checks["redis"] = f"error: {type(exc).__name__}"
     health = state.engine.health()
     checks["engine"] = "ok" if health.ok else f"error: {health.detail or 'not running'}"
+    # A live adapter this process cannot load means it would answer with another version than its peers.
+    failing = ", ".join(f"v{v}" for v in state.adapters.load_errors)
+    checks["adapters"] = f"error: {failing} cannot be loaded" if failing else "ok"
     ok = all(v == "ok" for v in checks.values())
     body = {"status": "ready" if ok else "not ready", "checks": checks, "model": health.model,
             "loaded_adapters": health.loaded_adapters,
@@ -70,7 +73,8 @@ async def ready(state: State) -> Response[dict]:
 
 @get("/metrics", media_type=MediaType.TEXT)
 async def metrics(state: State) -> Response:
-    return Response(state.metrics.render(state.engine), media_type="text/plain; version=0.0.4")
+    text = state.metrics.render(state.engine, state.adapters.aliases)
+    return Response(text, media_type="text/plain; version=0.0.4")
 
 
 async def open_database(settings: Settings):
@@ -104,7 +108,7 @@ def create_app(settings: Settings) -> Litestar:
         try:
             await register_admin_key(state.pool, settings)
             await state.engine.start()
-            state.adapters = AdapterService(state.pool, state.engine, settings, state.redis)
+            state.adapters = AdapterService(state.pool, state.engine, settings, state.redis, state.metrics)
             await state.adapters.reconcile()
             sync = asyncio.create_task(keep_in_sync(state.adapters, state.redis, settings.rollout.reconcile_s))
             state.chat = ChatService(state.pool, state.redis, state.engine, state.adapters, settings, state.metrics)

@@ -6,19 +6,17 @@ database, a model that cannot be fetched) end with one line on stderr and exit s
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import sys
-from functools import cache
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from service.settings import Settings, SettingsError, mask
+from service.adapters.cli import adapters_app
+from service.console import CommandError, JsonOption, err, out, run_async, settings, setup_logging, with_database
+from service.settings import SettingsError
 
 app = typer.Typer(help="Flywheel: a chat service whose model learns from its users.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -28,39 +26,7 @@ keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 runs_app = typer.Typer(help="Training runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
-adapters_app = typer.Typer(help="Adapters: list, inspect, canary, promote, roll back, retire, reject.",
-                           no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
-
-out = Console()
-err = Console(stderr=True)
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-class CommandError(RuntimeError):
-    """An expected failure of a command; shown as one line."""
-
-
-@cache
-def settings() -> Settings:
-    return Settings.from_env()
-
-
-def setup_logging(level: str | None = None) -> None:
-    logging.basicConfig(level=(level or settings().server.log_level).upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def run_async(coro):
-    """Run a coroutine; turn 'cannot connect' into one line naming what could not be reached."""
-    try:
-        return asyncio.run(coro)
-    except (TimeoutError, OSError) as exc:
-        s = settings()
-        raise CommandError(
-            f"cannot connect ({exc}); check that PostgreSQL at {mask('url', s.database_url)} "
-            f"(FLYWHEEL_DATABASE_URL) and Redis at {mask('url', s.redis_url)} (FLYWHEEL_REDIS_URL) are running"
-        ) from exc
 
 
 @app.command()
@@ -118,22 +84,6 @@ def fetch_default(
         out.print(str(target))
 
 
-async def _with_database(work):
-    """Run ``work(conn)`` on a migrated database."""
-    import asyncpg
-
-    from service import db
-
-    s = settings()
-    await db.ensure_database(s.database_url)
-    conn = await asyncpg.connect(s.database_url)
-    try:
-        await db.init_connection(conn)
-        if s.db.auto_migrate:
-            await db.migrate(conn)
-        return await work(conn)
-    finally:
-        await conn.close()
 
 
 @keys_app.command("create")
@@ -149,7 +99,7 @@ def keys_create(
         raise typer.BadParameter("must be user, operator or admin", param_hint="--role")
     if not name.strip():
         raise typer.BadParameter("must not be empty", param_hint="--name")
-    key_id, key = run_async(_with_database(lambda conn: create_key(conn, name.strip(), Role[role])))
+    key_id, key = run_async(with_database(lambda conn: create_key(conn, name.strip(), Role[role])))
     if as_json:
         out.print_json(json.dumps({"id": key_id, "name": name, "role": role, "key": key}))
     else:
@@ -162,7 +112,7 @@ def keys_list(as_json: JsonOption = False) -> None:
     """List API keys (never the keys themselves)."""
     from service.auth import list_keys
 
-    rows = run_async(_with_database(list_keys))
+    rows = run_async(with_database(list_keys))
     if as_json:
         out.print_json(json.dumps(rows, default=str))
         return
@@ -179,7 +129,7 @@ def keys_revoke(key_id: Annotated[int, typer.Argument(help="The key's id (see `f
     """Revoke a key: it stops working at once."""
     from service.auth import revoke_key
 
-    if not run_async(_with_database(lambda conn: revoke_key(conn, key_id))):
+    if not run_async(with_database(lambda conn: revoke_key(conn, key_id))):
         raise CommandError(f"no active key with id {key_id}")
     out.print(f"revoked key {key_id}")
 
@@ -208,7 +158,7 @@ def export(
         raise typer.BadParameter(str(exc), param_hint="--since/--until") from exc
     version = parse_adapter(adapter, "adapter") if adapter else None
     where = ExportFilter(*bounds, adapter="base" if adapter == "base" else version)
-    rows = run_async(_with_database(lambda conn: export_rows(conn, format, where)))
+    rows = run_async(with_database(lambda conn: export_rows(conn, format, where)))
     handle = open(output, "w", encoding="utf-8") if output else sys.stdout  # noqa: SIM115
     try:
         with Progress(console=err, transient=True, disable=not output) as progress:
@@ -244,7 +194,7 @@ def train(
     if max_steps is not None and max_steps < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--max-steps")
     params = NewRun(algorithm=algorithm, max_steps=max_steps).params()
-    run = run_async(_with_database(lambda conn: store.queue(
+    run = run_async(with_database(lambda conn: store.queue(
         conn, algorithm=algorithm or settings().training.train_algorithm, params=params, requested_by="cli")))
     err.print(f"queued run {run['id']}")
     if wait:
@@ -267,7 +217,7 @@ def _follow_run(run_id: int, timeout: float):
                   TimeRemainingColumn(), console=err, transient=True) as progress:
         task = progress.add_task(f"run {run_id}: queued", total=None, detail="")
         while True:
-            run = run_async(_with_database(lambda conn: store.get(conn, run_id)))
+            run = run_async(with_database(lambda conn: store.get(conn, run_id)))
             p = run["progress"] or {}
             detail = " ".join(f"{k} {p[k]:.4g}" for k in ("loss", "rewards/margins") if isinstance(p.get(k), float))
             progress.update(task, description=f"run {run_id}: {run['status']} {p.get('stage', '')}",
@@ -286,7 +236,7 @@ def runs_list(limit: Annotated[int, typer.Option(help="How many, newest first.")
     """Recent training runs."""
     from service.runs import store
 
-    rows = run_async(_with_database(lambda conn: store.recent(conn, limit)))
+    rows = run_async(with_database(lambda conn: store.recent(conn, limit)))
     if as_json:
         out.print_json(json.dumps([dict(r) for r in rows], default=str))
         return
@@ -298,117 +248,6 @@ def runs_list(limit: Annotated[int, typer.Option(help="How many, newest first.")
         table.add_row(str(r["id"]), r["status"], r["algorithm"], r["trigger"], f"{r['created_at']:%m-%d %H:%M}",
                       f"{r['finished_at']:%m-%d %H:%M}" if r["finished_at"] else "", result)
     out.print(table)
-
-
-def _adapter_table(rows) -> Table:
-    table = Table("version", "name", "status", "algorithm", "parent", "canary %", "accuracy", "created")
-    for r in rows:
-        accuracy = (r["metrics"] or {}).get("candidate_accuracy")
-        table.add_row(f"v{r['version']}", r["name"], r["status"], r["algorithm"],
-                      f"v{r['parent_version']}" if r["parent_version"] else "base", str(r["canary_percent"] or ""),
-                      f"{accuracy:.3f}" if isinstance(accuracy, float) else "", f"{r['created_at']:%Y-%m-%d %H:%M}")
-    return table
-
-
-@adapters_app.command("list")
-def adapters_list(status: Annotated[str | None, typer.Option(help="Only this status.")] = None,
-                  as_json: JsonOption = False) -> None:
-    """Adapters, newest first."""
-    from service.adapters.store import COLUMNS
-
-    rows = run_async(_with_database(lambda conn: conn.fetch(
-        f"SELECT {COLUMNS} FROM adapters WHERE $1::text IS NULL OR status = $1 ORDER BY version DESC", status)))
-    if as_json:
-        out.print_json(json.dumps([dict(r) for r in rows], default=str))
-    else:
-        out.print(_adapter_table(rows))
-
-
-@adapters_app.command("show")
-def adapters_show(version: Annotated[str, typer.Argument(help="v7, 7 or flywheel:v7.")],
-                  as_json: JsonOption = False) -> None:
-    """One adapter: lineage, metrics and its events."""
-    from service.adapters.store import get
-    from service.feedback.routes import parse_adapter
-
-    number = parse_adapter(version, "version")
-
-    async def fetch(conn):
-        return await get(conn, number), await conn.fetch(
-            "SELECT from_status, to_status, actor, reason, at FROM adapter_events WHERE version = $1 ORDER BY id",
-            number)
-
-    row, events = run_async(_with_database(fetch))
-    if row is None:
-        raise CommandError(f"no adapter v{number}")
-    if as_json:
-        out.print_json(json.dumps({**dict(row), "events": [dict(e) for e in events]}, default=str))
-        return
-    out.print(_adapter_table([row]))
-    out.print_json(json.dumps(row["metrics"], default=str))
-    events_table = Table("at", "from", "to", "actor", "reason")
-    for e in events:
-        events_table.add_row(f"{e['at']:%Y-%m-%d %H:%M:%S}", e["from_status"] or "", e["to_status"], e["actor"],
-                             e["reason"] or "")
-    out.print(events_table)
-
-
-def _operate(operation: str, version: str | None, reason: str | None, percent: int | None = None) -> None:
-    import redis.asyncio as aioredis
-
-    from service.adapters import registry
-    from service.adapters.events import publish
-    from service.feedback.routes import parse_adapter
-
-    number = parse_adapter(version, "version") if version else None
-
-    async def go(conn):
-        async with conn.transaction():
-            row = await registry.run_operation(conn, operation, number, actor="cli", reason=reason, percent=percent)
-        client = aioredis.from_url(settings().redis_url)
-        try:
-            await publish(client, {"operation": operation, "version": row["version"] if row else None})
-        finally:
-            await client.aclose()
-        return row
-
-    row = run_async(_with_database(go))
-    out.print(f"{operation}: " + (f"v{row['version']} is now {row['status']}" if row else "the base model serves"))
-
-
-Reason = Annotated[str | None, typer.Option(help="Why; kept in the adapter's events.")]
-Version = Annotated[str, typer.Argument(help="v7, 7 or flywheel:v7.")]
-
-
-@adapters_app.command("promote")
-def adapters_promote(version: Version, reason: Reason = None) -> None:
-    """Make a version production (the current one retires and stays the rollback target)."""
-    _operate("promote", version, reason)
-
-
-@adapters_app.command("canary")
-def adapters_canary(version: Version, percent: Annotated[int, typer.Option(min=1, max=50)] = 10,
-                    reason: Reason = None) -> None:
-    """Serve a version to a stable share of callers."""
-    _operate("canary", version, reason, percent)
-
-
-@adapters_app.command("rollback")
-def adapters_rollback(reason: Reason = None) -> None:
-    """Production back to the previous version (or the base)."""
-    _operate("rollback", None, reason)
-
-
-@adapters_app.command("retire")
-def adapters_retire(version: Version, reason: Reason = None) -> None:
-    """Take a version out of service."""
-    _operate("retire", version, reason)
-
-
-@adapters_app.command("reject")
-def adapters_reject(version: Version, reason: Reason = None) -> None:
-    """Reject a candidate or end a canary."""
-    _operate("reject", version, reason)
 
 
 @app.command()

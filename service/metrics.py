@@ -26,8 +26,16 @@ class Metrics:
         self.running = Gauge("flywheel_running_requests", "Requests being decoded.", registry=r)
         self.loaded_adapters = Gauge("flywheel_loaded_adapters", "Adapters loaded in the engine.", registry=r)
         self.engine_ok = Gauge("flywheel_engine_healthy", "1 while the engine serves.", registry=r)
+        self.adapter_load = Histogram("flywheel_adapter_load_seconds", "Time to verify and load an adapter.",
+                                      buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16), registry=r)
+        self.adapter_load_failures = Counter("flywheel_adapter_load_failures", "Adapters refused at load.",
+                                             registry=r)
+        self.serving = Gauge("flywheel_serving_version", "Adapter version behind each alias (0: the base model).",
+                             ["alias"], registry=r)
 
-    def render(self, engine: Engine) -> bytes:
+    def render(self, engine: Engine, aliases: dict) -> bytes:
+        for alias, row in aliases.items():
+            self.serving.labels(alias).set(row["version"] if row else 0)
         health = engine.health()
         self.queue_depth.set(health.queue_depth)
         self.running.set(health.running)

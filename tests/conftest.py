@@ -140,6 +140,16 @@ def test_env(database_url, redis_url, model_dir, shared_tmp) -> dict[str, str]:
     return env
 
 
+def checksummed_files(folder: Path) -> tuple[str, str, int]:
+    """(path, sha256, size) of a folder the registry's file check accepts; for tests that never load weights."""
+    from service.adapters.files import ADAPTER_FILES, adapter_digest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ADAPTER_FILES:
+        (folder / name).write_bytes(name.encode())
+    return (str(folder), *adapter_digest(folder))
+
+
 def make_lora_adapter(base_model: Path, out: Path, seed: int) -> Path:
     """A LoRA adapter with random (non-zero) weights: it changes the model's answers, as a trained one would."""
     import torch

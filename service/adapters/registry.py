@@ -8,8 +8,11 @@ would refuse a second production anyway). Publishing the change on Redis happens
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 
+from service.adapters.files import AdapterFilesError, adapter_digest
 from service.adapters.store import COLUMNS
 from service.errors import Conflict, NotFound
 
@@ -66,6 +69,21 @@ async def _live(conn: asyncpg.Connection) -> dict[str, asyncpg.Record]:
     return {row["status"]: row for row in rows}
 
 
+async def _check_files(conn: asyncpg.Connection, version: int) -> None:
+    """Refuse to put an adapter live whose files are gone or changed: every process would refuse to load it."""
+    row = await conn.fetchrow("SELECT status, path, sha256 FROM adapters WHERE version = $1", version)
+    if row is None or not row["path"]:
+        return  # transition() answers 404 or the status conflict
+    try:
+        sha256, _ = await asyncio.to_thread(adapter_digest, row["path"])
+    except AdapterFilesError as exc:
+        raise Conflict(f"adapter v{version} cannot be served: {exc}",
+                       extra={"current_status": row["status"]}) from exc
+    if sha256 != row["sha256"]:
+        raise Conflict(f"adapter v{version} cannot be served: its files at {row['path']} fail their checksum "
+                       "(changed or corrupt since registration)", extra={"current_status": row["status"]})
+
+
 async def promote(conn: asyncpg.Connection, version: int, *, actor: str, reason: str | None) -> asyncpg.Record:
     """Make ``version`` production; the current production retires (it stays the rollback target)."""
     live = await _live(conn)
@@ -76,6 +94,7 @@ async def promote(conn: asyncpg.Connection, version: int, *, actor: str, reason:
     if target is not None and "production" not in ALLOWED[target["status"]]:
         raise Conflict(f"adapter v{version} is {target['status']}; it cannot become production",
                        extra={"current_status": target["status"]})
+    await _check_files(conn, version)
     if current is not None:
         await transition(conn, current["version"], "retired", actor=actor, reason=f"replaced by v{version}")
     return await transition(conn, version, "production", actor=actor, reason=reason, canary_percent=None)
@@ -87,6 +106,7 @@ async def start_canary(conn: asyncpg.Connection, version: int, percent: int, *, 
     if "canary" in live and live["canary"]["version"] != version:
         raise Conflict(f"v{live['canary']['version']} is in canary already; promote or reject it first",
                        extra={"current_status": "canary", "canary_version": live["canary"]["version"]})
+    await _check_files(conn, version)
     return await transition(conn, version, "canary", actor=actor, reason=reason, canary_percent=percent)
 
 

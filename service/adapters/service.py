@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +54,8 @@ def in_canary(caller: Caller, percent: int) -> bool:
 
 
 class AdapterService:
-    def __init__(self, pool: asyncpg.Pool, engine: Engine, settings: Settings, redis=None):
-        self.pool, self.engine, self.settings, self.redis = pool, engine, settings, redis
+    def __init__(self, pool: asyncpg.Pool, engine: Engine, settings: Settings, redis=None, metrics=None):
+        self.pool, self.engine, self.settings, self.redis, self.metrics = pool, engine, settings, redis, metrics
         # What `flywheel` means in this process: set by reconcile, so a promote flips it at once for new requests
         # while running ones finish on their version; a version that fails to load leaves the old one in place.
         self.aliases: dict[str, asyncpg.Record | None] = {"production": None, "canary": None}
@@ -89,11 +90,16 @@ class AdapterService:
         name = engine_name(row["version"])
         if name in self.engine.loaded():
             return
+        started = time.perf_counter()
         try:
             await self.engine.load_adapter(name, row["path"], row["sha256"])
         except AdapterLoadError as exc:
             log.error("adapter v%s cannot be served: %s", row["version"], exc)
+            if self.metrics:
+                self.metrics.adapter_load_failures.inc()
             raise Unavailable(f"adapter v{row['version']} cannot be loaded: {exc}") from exc
+        if self.metrics:
+            self.metrics.adapter_load.observe(time.perf_counter() - started)
 
     async def reconcile(self) -> None:
         """Make this process serve what the registry says: load production and canary, then flip the aliases.
@@ -102,6 +108,8 @@ class AdapterService:
         logged, kept for /ready and recorded once in the registry's events.
         """
         live = {row["status"]: row for row in await store.live(self.pool)}
+        live_versions = {row["version"] for row in live.values()}
+        self.load_errors = {v: e for v, e in self.load_errors.items() if v in live_versions}
         previous = await self.pool.fetchrow(
             """SELECT a.version FROM adapter_events e JOIN adapters a ON a.version = e.version
                WHERE e.to_status = 'retired' AND e.from_status = 'production' AND a.status = 'retired'
@@ -205,6 +213,20 @@ class AdapterService:
         await self.reconcile()  # this process switches before answering
         return {"operation": operation, "adapter": dict(row) if row else None,
                 "serving": {a: r["version"] if r else None for a, r in self.aliases.items()}}
+
+    async def import_folder(self, caller: Caller, folder: Path, *, name: str, reason: str | None) -> dict:
+        """Register an adapter trained elsewhere as a candidate (checked against the base, copied, checksummed)."""
+        from service.adapters.imports import AdapterImportError, NameTaken, import_adapter
+
+        caller.require(Role.operator)
+        try:
+            async with self.pool.acquire() as conn:
+                row = await import_adapter(conn, self.settings, folder, name=name, actor=caller.name, reason=reason)
+        except AdapterImportError as exc:
+            raise (Conflict if isinstance(exc, NameTaken) else ClientError)(str(exc), field=exc.field) from exc
+        except AdapterFilesError as exc:
+            raise ClientError(str(exc), field="adapter") from exc
+        return dict(row)
 
     async def describe(self, caller: Caller, version: int) -> dict:
         caller.require(Role.operator)

@@ -21,7 +21,8 @@ class ServiceProcess:
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 120) -> ServiceProcess:
+    def start(self, timeout: float = 120, until: str = "/ready") -> ServiceProcess:
+        """Start and wait until ``until`` answers 200 (``/health`` for a process expected to be not ready)."""
         self.log = open(self.log_path, "w")  # noqa: SIM115 - stays open for the process's lifetime
         self.process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=self.env,
                                         stdout=self.log, stderr=subprocess.STDOUT)
@@ -30,7 +31,7 @@ class ServiceProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"service exited: {self.log_path.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{until}", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

@@ -14,7 +14,7 @@ async def test_health_and_ready_with_real_backends(database_url, redis_url, defa
         assert (await client.get("/health")).json() == {"status": "ok"}
         ready = await client.get("/ready")
         assert ready.status_code == 200
-        assert ready.json()["checks"] == {"database": "ok", "redis": "ok", "engine": "ok"}
+        assert ready.json()["checks"] == {"database": "ok", "redis": "ok", "engine": "ok", "adapters": "ok"}
         assert ready.json()["model"].endswith("SmolLM2-135M-Instruct")
         missing = await client.get("/api/nothing-here")
         assert missing.status_code == 404

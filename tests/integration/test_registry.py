@@ -11,10 +11,9 @@ import pytest
 from service import db
 from service.adapters import registry
 from service.errors import Conflict, NotFound
+from tests.conftest import checksummed_files
 from tests.integration.conftest import ADMIN_KEY
 from tests.integration.service_process import ServiceProcess
-
-SHA = "ab" * 32
 
 
 @pytest.fixture
@@ -24,10 +23,15 @@ async def pool(database_url):
     await pool.close()
 
 
-async def _candidates(pool, n: int) -> list[int]:
+@pytest.fixture(scope="module")
+def adapter_files(tmp_path_factory):
+    return checksummed_files(tmp_path_factory.mktemp("adapter"))
+
+
+async def _candidates(pool, n: int, files) -> list[int]:
     return [await pool.fetchval("INSERT INTO adapters (name, base_model, algorithm, status, path, sha256, size_bytes) "
-                                "VALUES ($1, 'base', 'sft', 'candidate', '/x', $2, 1) RETURNING version", f"c{i}", SHA)
-            for i in range(n)]
+                                "VALUES ($1, 'base', 'sft', 'candidate', $2, $3, $4) RETURNING version",
+                                f"c{i}", *files) for i in range(n)]
 
 
 async def _in_tx(pool, operation, *args, **kwargs):
@@ -35,8 +39,8 @@ async def _in_tx(pool, operation, *args, **kwargs):
         return await operation(conn, *args, actor="op", reason="test", **kwargs)
 
 
-async def test_allowed_and_forbidden_transitions(pool):
-    v1, v2, v3 = await _candidates(pool, 3)
+async def test_allowed_and_forbidden_transitions(pool, adapter_files):
+    v1, v2, v3 = await _candidates(pool, 3, adapter_files)
     await _in_tx(pool, registry.promote, v1)
     await _in_tx(pool, registry.start_canary, v2, 10)
     with pytest.raises(Conflict, match="in canary already"):
@@ -58,8 +62,8 @@ async def test_allowed_and_forbidden_transitions(pool):
         (v1, "candidate", "production"), (v2, "candidate", "canary"), (v2, "canary", "rejected")]
 
 
-async def test_concurrent_promotions_leave_exactly_one_production(pool):
-    versions = await _candidates(pool, 6)
+async def test_concurrent_promotions_leave_exactly_one_production(pool, adapter_files):
+    versions = await _candidates(pool, 6, adapter_files)
     await asyncio.gather(*(_in_tx(pool, registry.promote, v) for v in versions))
     statuses = await pool.fetch("SELECT status FROM adapters")
     assert sorted(r["status"] for r in statuses) == ["production"] + ["retired"] * 5
@@ -67,8 +71,8 @@ async def test_concurrent_promotions_leave_exactly_one_production(pool):
     assert promotions == 6  # every call succeeded, one after the other
 
 
-async def test_rollback_returns_to_the_previous_production_then_to_the_base(pool):
-    v1, v2 = await _candidates(pool, 2)
+async def test_rollback_returns_to_the_previous_production_then_to_the_base(pool, adapter_files):
+    v1, v2 = await _candidates(pool, 2, adapter_files)
     await _in_tx(pool, registry.promote, v1)
     await _in_tx(pool, registry.promote, v2)
     back = await _in_tx(pool, registry.rollback)
@@ -124,13 +128,13 @@ def test_operators_promote_and_roll_back_and_every_process_follows(service, lora
             second.stop()
 
 
-async def test_the_cli_runs_the_same_operations(pool, database_url, redis_url):
+async def test_the_cli_runs_the_same_operations(pool, database_url, redis_url, adapter_files):
     import json
     import os
     import subprocess
     import sys
 
-    v1, v2 = await _candidates(pool, 2)
+    v1, v2 = await _candidates(pool, 2, adapter_files)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env.update(FLYWHEEL_DATABASE_URL=database_url, FLYWHEEL_REDIS_URL=redis_url, COLUMNS="200")
 

@@ -18,6 +18,7 @@ from service import db
 from service.adapters.files import adapter_digest
 from service.runs import store as runs
 from service.settings import Settings
+from tests.conftest import checksummed_files
 from worker.loop import LOCK_KEY, Worker
 
 pytestmark = pytest.mark.slow
@@ -184,13 +185,14 @@ async def _votes(pool, version, up: int, down: int) -> None:
 
 @pytest.mark.parametrize(("canary_votes", "expected"), [((70, 10), "production"), ((20, 60), "rejected")])
 async def test_auto_rollout_promotes_a_better_canary_and_rejects_a_worse_one(settings, backends, canary_votes,
-                                                                          expected):
+                                                                          expected, tmp_path):
     from service.adapters import registry
 
     pool, redis = backends
+    files = checksummed_files(tmp_path)
     versions = [await pool.fetchval("INSERT INTO adapters (name, base_model, algorithm, status, path, sha256, "
-                                    "size_bytes) VALUES ($1, 'b', 'sft', 'candidate', '/x', $2, 1) RETURNING version",
-                                    name, "0" * 64) for name in ("prod", "new")]
+                                    "size_bytes) VALUES ($1, 'b', 'sft', 'candidate', $2, $3, $4) RETURNING version",
+                                    name, *files) for name in ("prod", "new")]
     async with pool.acquire() as conn, conn.transaction():
         await registry.promote(conn, versions[0], actor="test", reason=None)
         await registry.start_canary(conn, versions[1], 10, actor="test", reason=None)
