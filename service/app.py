@@ -8,6 +8,7 @@ request needs; `/metrics` is Prometheus text.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,7 +22,7 @@ from service import db
 from service.adapters.events import keep_in_sync
 from service.adapters.routes import AdapterController
 from service.adapters.service import AdapterService
-from service.auth import authenticate, hash_key
+from service.auth import KeyCache, authenticate, hash_key
 from service.chat.routes import ConversationController, OpenAIController
 from service.chat.service import ChatService
 from service.engine import create_engine
@@ -105,6 +106,8 @@ def create_app(settings: Settings) -> Litestar:
         state.pool = await open_database(settings)
         state.redis = aioredis.from_url(settings.redis_url)
         state.engine = create_engine(settings)
+        state.key_cache = KeyCache(state.pool, settings.auth.key_cache_s)
+        revocations = asyncio.create_task(state.key_cache.listen(settings.database_url))
         try:
             await register_admin_key(state.pool, settings)
             await state.engine.start()
@@ -114,9 +117,13 @@ def create_app(settings: Settings) -> Litestar:
             state.chat = ChatService(state.pool, state.redis, state.engine, state.adapters, settings, state.metrics)
             state.feedback = FeedbackService(state.pool, settings)
             log.info("serving %s with the %s engine", settings.base_model, settings.engine.engine)
+            # The model and libraries are ~400k long-lived objects; a full collection walking them pauses every
+            # request for ~0.4 s (the p99 of short requests). Freezing moves them out of the collector's sight.
+            gc.freeze()
             yield
             sync.cancel()
         finally:
+            revocations.cancel()
             await state.engine.stop()
             await state.redis.aclose()
             await state.pool.close()

@@ -132,6 +132,12 @@ class AuthSettings(msgspec.Struct, frozen=True, kw_only=True):
     tokens_per_min: Annotated[
         int, _doc("Generated tokens per minute per API key; 0 disables the limit.", ge=0)
     ] = 20000
+    key_cache_s: Annotated[
+        float,
+        _doc("Seconds a service process trusts an API key it has looked up before asking the database again. "
+             "`flywheel keys revoke` reaches every process at once (Postgres NOTIFY); this bounds how long a revoked "
+             "key keeps working when that notice is missed. 0 looks the key up on every request.", ge=0, le=60),
+    ] = 5.0
     max_messages: Annotated[int, _doc("Most messages one chat request may carry.", ge=1)] = 200
     max_message_chars: Annotated[int, _doc("Longest message content accepted, in characters.", ge=1)] = 32000
     max_tokens_limit: Annotated[int, _doc("Largest max_tokens a request may ask for.", ge=1)] = 4096

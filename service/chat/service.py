@@ -19,7 +19,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from service.adapters.service import AdapterService, Target
-from service.auth import Caller, record_tokens
+from service.auth import Caller, check_token_budget, record_tokens
 from service.chat import store
 from service.chat.schemas import ChatCompletionRequest, ChatMessage, SamplingFields
 from service.engine.base import (
@@ -196,6 +196,7 @@ class ChatService:
         The returned chunks fill in ``reply`` as they pass; when they end (or the consumer stops) the request is
         counted in the metrics and the caller's token budget.
         """
+        await check_token_budget(self.redis, self.settings, caller)
         request = GenerationRequest(str(reply.message_id), messages, reply.sampling, reply.target.engine_name)
         chunks = self.engine.generate(request)
         try:

@@ -1,13 +1,16 @@
 """Capturing feedback: thumbs, ratings, edits and pairwise choices on assistant replies.
 
-Every check that needs the stored conversation happens here (visibility, which role was rated, whether an edit
-changes anything, whether two answers are siblings); the database then keeps one row per (message, owner, kind).
-A 2xx means the row is committed. This module does not decide what feedback is worth training on: see export.py.
+Every check that needs the stored conversation is decided here (visibility, which role was rated, whether an edit
+changes anything, whether two answers are siblings); the first two travel inside the write itself (store.save), so
+a thumb needs one statement, shared with the votes that arrive meanwhile (group_commit.py). The database keeps one
+row per (message, owner, kind). A 2xx means the row is committed. This module does not decide what feedback is
+worth training on: see export.py.
 """
 
 from __future__ import annotations
 
 import uuid
+from typing import NoReturn
 
 import asyncpg
 
@@ -15,6 +18,7 @@ from service.auth import Caller, Role
 from service.chat import store as chat_store
 from service.errors import ClientError, NotFound
 from service.feedback import store
+from service.feedback.group_commit import GroupCommit
 from service.feedback.schemas import ComparisonFeedback, EditFeedback, Feedback, Kind, RatingFeedback, ThumbFeedback
 from service.settings import Settings
 
@@ -32,19 +36,24 @@ def present(row: asyncpg.Record) -> dict:
 class FeedbackService:
     def __init__(self, pool: asyncpg.Pool, settings: Settings):
         self.pool, self.settings = pool, settings
+        self.writes = GroupCommit(pool)
 
     async def put(self, caller: Caller, message_id: uuid.UUID, body: Feedback) -> tuple[dict, bool]:
-        """(the stored feedback, True if new rather than replacing the caller's earlier one of that kind)."""
-        message = await self._rated_message(caller, message_id)
+        """(the stored feedback, True if new rather than replacing the caller's earlier one of that kind).
+
+        Thumbs and ratings need nothing from the message but that the caller may rate it, which the write itself
+        checks; edits and comparisons read the message first, for its content or its siblings."""
         fields: dict = {"owner": caller.owner, "kind": body.__struct_config__.tag, "comment": body.comment,
                         "message_id": message_id}
         if isinstance(body, ThumbFeedback):
-            fields.update(value=body.value, tags=sorted(set(body.tags)))
+            fields.update(value=body.value, tags=tuple(sorted(set(body.tags))))
         elif isinstance(body, RatingFeedback):
             fields.update(value=body.value)
         elif isinstance(body, EditFeedback):
+            message = await self._rated_message(caller, message_id)
             fields.update(content=self._edited(body.content, message["content"]))
         elif isinstance(body, ComparisonFeedback):
+            message = await self._rated_message(caller, message_id)
             siblings = await store.sibling_ids(self.pool, message["parent_id"])
             if body.preferred_message_id not in siblings:
                 raise ClientError("preferred_message_id must be this reply or another answer to the same message "
@@ -53,8 +62,10 @@ class FeedbackService:
                 raise ClientError("there is nothing to compare: this reply has no sibling answers yet",
                                   field="preferred_message_id")
             fields.update(message_id=message["parent_id"], preferred_message_id=body.preferred_message_id)
-        row, created = await store.upsert(self.pool, **fields)
-        return present(row), created
+        saved = await self.writes.save(store.Write(rated_id=message_id, sees_everyone=caller.sees_everyone, **fields))
+        if saved.row is None:
+            _refuse(saved.role, saved.visible)
+        return present(saved.row), saved.created
 
     async def get(self, caller: Caller, message_id: uuid.UUID) -> list[dict]:
         message = await self._rated_message(caller, message_id)
@@ -76,11 +87,11 @@ class FeedbackService:
 
     async def _rated_message(self, caller: Caller, message_id: uuid.UUID) -> asyncpg.Record:
         message = await chat_store.get_message(self.pool, message_id)
-        if message is None or message["deleted_at"] is not None or not caller.may_see(message["owner"]):
-            raise NotFound("no such message", field="message_id")
-        if message["role"] != "assistant":
-            raise ClientError(f"feedback is for assistant replies; this is a {message['role']} message",
-                              field="message_id")
+        if message is None:
+            _refuse(None, False)
+        visible = message["deleted_at"] is None and caller.may_see(message["owner"])
+        if not visible or message["role"] != "assistant":
+            _refuse(message["role"], visible)
         return message
 
     def _edited(self, content: str, original: str) -> str:
@@ -92,3 +103,11 @@ class FeedbackService:
         if content.strip() == original.strip():
             raise ClientError("the edit is identical to the original answer", field="content")
         return content
+
+
+def _refuse(role: str | None, visible: bool) -> NoReturn:
+    """The error for a message the caller may not rate: unknown and invisible look alike (404), so that a user
+    cannot probe other users' message ids; a visible non-assistant message is a 400."""
+    if role is None or not visible:
+        raise NotFound("no such message", field="message_id")
+    raise ClientError(f"feedback is for assistant replies; this is a {role} message", field="message_id")
