@@ -26,14 +26,17 @@ Pending = tuple[Write, asyncio.Future]
 
 
 class GroupCommit:
-    """Writes feedback through ``store.save`` in batches, at most ``max_in_flight`` statements at a time.
+    """Writes feedback through ``store.save`` in batches, at most ``max_in_flight`` statements at a time (default:
+    half the pool, so other requests keep connections of their own).
 
-    A few statements in flight overlap one batch's commit (a WAL flush, milliseconds) with the next one's work while
-    leaving most of the pool to other requests; one alone made every vote wait out a whole flush before its own.
+    Several statements in flight overlap their commits (a WAL flush each, milliseconds); until they are all busy a
+    vote is written alone and at once, and under load the waiting votes pile into the next free statement. One
+    statement alone made every vote wait out a whole flush before its own.
     """
 
-    def __init__(self, pool: asyncpg.Pool, *, max_in_flight: int = 4, max_batch: int = 256):
-        self.pool, self.max_in_flight, self.max_batch = pool, max_in_flight, max_batch
+    def __init__(self, pool: asyncpg.Pool, *, max_in_flight: int | None = None, max_batch: int = 256):
+        self.pool, self.max_batch = pool, max_batch
+        self.max_in_flight = max_in_flight or max(1, pool.get_max_size() // 2)
         self._waiting: deque[Pending] = deque()
         self._in_flight = 0
         self._tasks: set[asyncio.Task] = set()
