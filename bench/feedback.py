@@ -2,11 +2,16 @@
 
 For each --clients value N, on the database of --database-url (which must be the service's own):
 
-* ``N clients, API``: N concurrent clients, each with its own user key and HTTP connection, send
+* ``N clients, API``: N concurrent clients, each with its own user key and HTTP/1.1 keep-alive connection, send
   ``PUT /api/messages/{id}/feedback`` thumbs in turn, each on a distinct assistant message of the client's own
   conversation, so every write is an insert (--requests in all);
 * ``N clients, raw``: N connections of an asyncpg pool, each inserting its share of as many thumbs with
   ``INSERT INTO feedback ...`` on a separate set of assistant messages made the same way.
+
+Both paths are driven from this one process and event loop (uvloop when installed, as the service uses), with the
+same concurrency and the same per-write timing. The API clients use bench/http1.py, a minimal keep-alive client:
+on a 2-core machine the load generator shares the CPU with the service, and httpx spent more CPU per request than
+the service did, so it measured itself; the raw path's client (asyncpg) is just as lean.
 
 The bench makes its keys, conversations and messages directly in the database (generating replies would be far too
 slow), warms both paths up with --warmup writes per client (not counted), and deletes all it made unless --keep.
@@ -21,7 +26,6 @@ Run: a service with FLYWHEEL_RATE_LIMIT_PER_MIN=0 (rate limits would answer 429)
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import secrets
@@ -34,10 +38,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
-import httpx
-from serve import format_table, percentile  # bench/serve.py, importable when this file runs as a script
+from http1 import Connection  # bench/http1.py and bench/serve.py, importable when this file runs as a script
+from serve import format_table, percentile
 
 from service.auth import Role, create_key
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is not on every platform
+    uvloop = None
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/flywheel"
@@ -88,16 +97,19 @@ async def make_messages(conn: asyncpg.Connection, owners: list[int], counts: lis
     return replies
 
 
-async def put_thumb(client: httpx.AsyncClient, key: str, message_id: uuid.UUID, value: int) -> Write:
-    """One timed PUT; anything but 201 is an error (200 would mean it replaced a thumb: no message is rated twice)."""
+async def put_thumb(conn: Connection, key: str, message_id: uuid.UUID, value: int) -> Write:
+    """One timed PUT; anything but 201 is an error (200 would mean it replaced a thumb: no message is rated twice).
+    TimeoutError is an OSError."""
     start, error = time.perf_counter(), None
     try:
-        response = await client.put(f"/api/messages/{message_id}/feedback", json={"kind": "thumb", "value": value},
-                                    headers={"Authorization": f"Bearer {key}"})
-        if response.status_code != 201:
-            hint = f" ({NO_RATE_LIMIT})" if response.status_code == 429 else ""
-            error = f"HTTP {response.status_code}{hint}: {response.text[:200]}"
-    except httpx.HTTPError as exc:
+        async with asyncio.timeout(60):  # a stuck service fails the write instead of hanging the bench
+            response = await conn.request("PUT", f"/api/messages/{message_id}/feedback",
+                                          headers={"authorization": f"Bearer {key}"},
+                                          body=b'{"kind":"thumb","value":%d}' % value)
+        if response.status != 201:
+            hint = f" ({NO_RATE_LIMIT})" if response.status == 429 else ""
+            error = f"HTTP {response.status}{hint}: {response.text[:200]}"
+    except (OSError, asyncio.IncompleteReadError) as exc:
         error = f"{type(exc).__name__}: {exc}"
     return Write(time.perf_counter() - start, error)
 
@@ -117,24 +129,24 @@ def check_warmup(name: str, writes: list[list[Write]], hint: str) -> None:
         sys.exit(f"{name} warm-up failed ({len(errors)} errors), first: {errors[0]}\n({hint})")
 
 
-async def run_api(url: str, keys: list[str], messages: list[list[uuid.UUID]], warmup: int,
-                  one_pool: bool) -> Scenario:
-    """Client i rates messages[i] in turn with keys[i]: the first warmup ones unmeasured, then the rest."""
+async def run_api(url: str, keys: list[str], messages: list[list[uuid.UUID]], warmup: int) -> Scenario:
+    """Client i rates messages[i] in turn with keys[i] on a connection of its own: the first warmup ones
+    unmeasured, then the rest."""
     n = len(keys)
-    async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(httpx.AsyncClient(
-            base_url=url, timeout=httpx.Timeout(60, connect=10), limits=httpx.Limits(max_connections=size)))
-            for size in ([n] if one_pool else [1] * n)]
+    connections = [Connection(url) for _ in range(n)]
 
-        async def loop(i: int, ids: list[uuid.UUID]) -> list[Write]:
-            return [await put_thumb(clients[i % len(clients)], keys[i], m, 1 if j % 2 else -1)
-                    for j, m in enumerate(ids)]
+    async def loop(i: int, ids: list[uuid.UUID]) -> list[Write]:
+        return [await put_thumb(connections[i], keys[i], m, 1 if j % 2 else -1) for j, m in enumerate(ids)]
 
+    try:
         warm = await asyncio.gather(*(loop(i, ids[:warmup]) for i, ids in enumerate(messages)))
         check_warmup("API", warm, f"is the service at {url} on --database-url, with FLYWHEEL_RATE_LIMIT_PER_MIN=0?")
         start = time.perf_counter()
         done = await asyncio.gather(*(loop(i, ids[warmup:]) for i, ids in enumerate(messages)))
         wall = time.perf_counter() - start
+    finally:
+        for connection in connections:
+            connection.close()
     return Scenario(f"{n} clients, API", n, "api", [w for ws in done for w in ws], wall,
                     [m for ids in messages for m in ids[warmup:]])
 
@@ -164,13 +176,15 @@ async def run_raw(database_url: str, owners: list[int], messages: list[list[uuid
 
 async def benchmark(args: argparse.Namespace, run_id: str) -> list[Scenario]:
     """Make the keys, then per N: the two sets of messages, the API run, the raw run and the row counts."""
+    probe = Connection(args.url)
     try:
-        async with httpx.AsyncClient(base_url=args.url, timeout=10) as client:
-            ready = await client.get("/ready")
-    except httpx.HTTPError as exc:
-        sys.exit(f"cannot reach the service at {args.url}: {exc}")
-    if ready.status_code != 200:
-        sys.exit(f"the service at {args.url} is not ready: HTTP {ready.status_code}: {ready.text[:200]}")
+        ready = await asyncio.wait_for(probe.request("GET", "/ready"), 10)
+    except (OSError, asyncio.IncompleteReadError) as exc:
+        sys.exit(f"cannot reach the service at {args.url}: {exc!r}")
+    finally:
+        probe.close()
+    if ready.status != 200:
+        sys.exit(f"the service at {args.url} is not ready: HTTP {ready.status}: {ready.text[:200]}")
     conn = await asyncpg.connect(args.database_url)
     key_ids, keys, conversations, scenarios = [], [], [], []
     try:
@@ -183,7 +197,7 @@ async def benchmark(args: argparse.Namespace, run_id: str) -> list[Scenario]:
             api_messages = await make_messages(conn, key_ids[:n], counts, conversations)
             raw_messages = await make_messages(conn, key_ids[:n], counts, conversations)
             print(f"running {n} clients ...", file=sys.stderr)
-            pair = [await run_api(args.url, keys[:n], api_messages, args.warmup, args.one_pool),
+            pair = [await run_api(args.url, keys[:n], api_messages, args.warmup),
                     await run_raw(args.database_url, key_ids[:n], raw_messages, args.warmup)]
             for scenario in pair:
                 scenario.found = await conn.fetchval("SELECT count(*) FROM feedback WHERE message_id = ANY($1)",
@@ -218,6 +232,12 @@ def checks(scenarios: list[Scenario]) -> list[dict]:
     return out
 
 
+def run(coroutine):
+    """Run on uvloop when installed (it comes with uvicorn[standard], as the service runs): the same loop drives
+    both paths."""
+    return uvloop.run(coroutine) if uvloop else asyncio.run(coroutine)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
@@ -226,8 +246,6 @@ def main() -> None:
     parser.add_argument("--clients", default="16,64", help="comma-separated concurrency levels")
     parser.add_argument("--requests", type=int, default=2000, help="measured writes per scenario, over all clients")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured writes per client before each scenario")
-    parser.add_argument("--one-pool", action="store_true", help="share one httpx pool of N connections among the "
-                        "API clients (httpcore's pool then costs the bench O(N) CPU per request)")
     parser.add_argument("--keep", action="store_true", help="keep the bench's keys, messages and feedback")
     parser.add_argument("--out", type=Path, help="JSON path (default: bench/results/feedback-<UTC timestamp>.json)")
     args = parser.parse_args()
@@ -239,7 +257,7 @@ def main() -> None:
         parser.error("--clients and --requests must be positive, --warmup not negative")
     created, run_id = datetime.now(UTC), secrets.token_hex(4)
 
-    scenarios = asyncio.run(benchmark(args, run_id))
+    scenarios = run(benchmark(args, run_id))
     rows = [s.summary() for s in scenarios]
     check_rows = checks(scenarios)
     errors = Counter((s.name, w.error) for s in scenarios for w in s.writes if w.error)
@@ -256,7 +274,8 @@ def main() -> None:
 
     out = args.out or RESULTS_DIR / f"feedback-{created:%Y%m%dT%H%M%SZ}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {key: getattr(args, key) for key in ("url", "clients", "requests", "warmup", "one_pool", "keep")}
+    settings = {key: getattr(args, key) for key in ("url", "clients", "requests", "warmup", "keep")}
+    settings["event_loop"] = "uvloop" if uvloop else "asyncio"
     report = {"created_utc": created.isoformat(), "run_id": run_id, "settings": settings, "scenarios": rows,
               "checks": check_rows,
               "errors": [{"scenario": name, "error": error, "count": count} for (name, error), count in errors.items()]}
