@@ -3,12 +3,13 @@
 It starts two ``flywheel serve`` processes on their own database (--database-url's server, database
 ``flywheel_swap_bench``, recreated) and the Redis at --redis-url, imports two random LoRA adapters with
 ``flywheel adapters import``, and keeps --clients streaming clients busy (half on each process, model ``flywheel``).
-Then, once per operation: promote v1, roll back (to the base), promote v2, roll back (to v1), promote v2 again.
+Then, one after another: promote v1, promote v2, roll back (to v1), promote v2 again, roll back again.
 
 For each operation it reports the swap time: from sending the operator's request until every process serves the
 new production (each process's ``/ready`` polled every 10 ms). The baseline is the adapter's bare load time on the
 same engine under the same load: ``POST /v1/load_lora_adapter`` of a third adapter on each process, timed from request
-to answer (digest, read, load). Target: median swap <= 1.5x median load. Every request must succeed (target 0
+to answer (digest, read, load). Target: the median cold swap (the version was not loaded yet; a rollback finds its
+target kept loaded, a warm swap) <= 1.5x the median load. Every request must succeed (target 0
 failed) and each stream must be served by one version from start to end.
 
 Prints a table, writes JSON to bench/results/swap-<UTC timestamp>.json (or --out); exits 1 on any failed request.
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -117,7 +119,9 @@ async def benchmark(args, env: dict, adapters: list[Path]) -> dict:
             for i, folder in enumerate(adapters[:2]):
                 imported = subprocess.run([sys.executable, "-m", "service.cli", "adapters", "import", str(folder),
                                            "--name", f"swap-bench-{i}", "--json"], env=env, capture_output=True,
-                                          text=True, check=True)
+                                          text=True)
+                if imported.returncode:
+                    sys.exit(f"import failed: {imported.stderr.strip()}")
                 versions.append(json.loads(imported.stdout)["version"])
 
             async def client(index: int) -> None:
@@ -143,15 +147,16 @@ async def benchmark(args, env: dict, adapters: list[Path]) -> dict:
                                 headers={"Authorization": f"Bearer {ADMIN_KEY}"})
                 await asyncio.sleep(args.settle_s)
             v1, v2 = versions
-            swaps = []
-            for operation, expected in ((f"{v1}/promote", v1), ("rollback", None), (f"{v2}/promote", v2),
-                                        ("rollback", v1), (f"{v2}/promote", v2)):
+            swaps, served = [], set()  # a cold swap loads the version; a warm one finds it kept loaded
+            for operation, expected in ((f"{v1}/promote", v1), (f"{v2}/promote", v2), ("rollback", v1),
+                                        (f"{v2}/promote", v2), ("rollback", v1)):
                 started = time.perf_counter()
                 response = await http.post(f"{replicas[0].url}/api/adapters/{operation}",
                                            headers={"Authorization": f"Bearer {ADMIN_KEY}"})
                 response.raise_for_status()
-                swaps.append({"operation": operation, "to": expected,
+                swaps.append({"operation": operation, "to": expected, "cold": expected not in served,
                               "swap_s": await until_all_serve(http, replicas, expected, started)})
+                served.add(expected)
                 await asyncio.sleep(args.settle_s)
             stop.set()
             await asyncio.gather(*clients)
@@ -189,6 +194,7 @@ def main() -> None:
 
     adapters = make_adapters(args.base_model.expanduser(), RESULTS_DIR / "adapters")
     database_url = asyncio.run(fresh_database(args.database_url))
+    shutil.rmtree(RESULTS_DIR / "swap-data", ignore_errors=True)  # adapters of the database just dropped
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env.update(FLYWHEEL_DATABASE_URL=database_url, FLYWHEEL_REDIS_URL=args.redis_url, FLYWHEEL_ADMIN_KEY=ADMIN_KEY,
                FLYWHEEL_RATE_LIMIT_PER_MIN="0", FLYWHEEL_DATA_DIR=str(RESULTS_DIR / "swap-data"),
@@ -198,11 +204,14 @@ def main() -> None:
     outcomes = result.pop("outcomes")
     failed = [error for _, _, error in outcomes if error]
     mixed = sum(1 for _, models, error in outcomes if not error and len(models) != 1)
-    load_s, swap_s = statistics.median(result["loads_s"]), statistics.median(s["swap_s"] for s in result["swaps"])
-    rows = [[s["operation"], f"v{s['to']}" if s["to"] else "base", s["swap_s"] * 1000] for s in result["swaps"]]
-    rows += [[f"bare load, process {i}", "", t * 1000] for i, t in enumerate(result["loads_s"])]
-    print(format_table(["step", "serves", "ms"], rows))
-    checks = [["median swap / median load", swap_s / load_s, "<= 1.5", "PASS" if swap_s <= 1.5 * load_s else "FAIL"],
+    load_s = statistics.median(result["loads_s"])
+    cold_s = statistics.median(s["swap_s"] for s in result["swaps"] if s["cold"])
+    rows = [[s["operation"], f"v{s['to']}", "cold" if s["cold"] else "warm", s["swap_s"] * 1000]
+            for s in result["swaps"]]
+    rows += [[f"bare load, process {i}", "", "", t * 1000] for i, t in enumerate(result["loads_s"])]
+    print(format_table(["step", "serves", "swap", "ms"], rows))
+    within = cold_s <= 1.5 * load_s
+    checks = [["median cold swap / median load", cold_s / load_s, "<= 1.5", "PASS" if within else "FAIL"],
               ["failed requests", len(failed), "0", "PASS" if not failed else "FAIL"],
               ["streams served by two versions", mixed, "0", "PASS" if not mixed else "FAIL"],
               ["requests completed", len(outcomes), "", ""]]
@@ -214,7 +223,7 @@ def main() -> None:
     out.write_text(json.dumps({"created_utc": created.isoformat(), "settings": {
         k: getattr(args, k) for k in ("clients", "max_tokens", "settle_s", "threads")}, **result,
         "requests": len(outcomes), "failed": len(failed), "mixed_version_streams": mixed,
-        "swap_over_load": swap_s / load_s}, indent=2) + "\n")
+        "cold_swap_over_load": cold_s / load_s}, indent=2) + "\n")
     print(f"\nwrote {out}")
     sys.exit(1 if failed or mixed else 0)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from functools import cache
 from typing import Annotated
 
@@ -39,7 +40,7 @@ def run_async(coro):
     """Run a coroutine; turn 'cannot connect' into one line naming what could not be reached."""
     try:
         return asyncio.run(coro)
-    except (TimeoutError, OSError) as exc:
+    except (TimeoutError, ConnectionError, socket.gaierror) as exc:
         s = settings()
         raise CommandError(
             f"cannot connect ({exc}); check that PostgreSQL at {mask('url', s.database_url)} "

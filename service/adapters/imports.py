@@ -134,6 +134,9 @@ async def import_adapter(conn: asyncpg.Connection, settings: Settings, source: P
                 conn, name=name, base_model=settings.base_model, path="", sha256=sha256, size_bytes=size,
                 actor=actor, reason=reason or f"imported (trained on {config.get('base_model_name_or_path')})")
             final = settings.adapter_dir / str(row["version"])
+            if final.exists():
+                raise AdapterFilesError(f"{final} exists but is not this registry's: left by another database? "
+                                        "Move it away and import again")
             row = await conn.fetchrow(f"UPDATE adapters SET path = $2 WHERE version = $1 RETURNING {store.COLUMNS}",
                                       row["version"], str(final))
             staging.rename(final)
