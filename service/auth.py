@@ -140,7 +140,7 @@ class KeyCache:
         while True:
             try:
                 conn = await asyncpg.connect(database_url)
-            except (OSError, asyncpg.PostgresError) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever it is, keep trying: the TTL bounds the damage
                 log.warning("key revocations not heard (%s); cached keys expire after %.0f s", exc, self.ttl_s)
                 await asyncio.sleep(max(self.ttl_s, 1.0))
                 continue
@@ -151,7 +151,7 @@ class KeyCache:
                 self.forget()  # a revocation announced while nobody listened was missed: look every key up again
                 await lost.wait()
                 log.warning("the key revocation listener lost its connection; reconnecting")
-            except (OSError, asyncpg.PostgresError) as exc:
+            except Exception as exc:  # noqa: BLE001
                 log.warning("key revocation listener failed (%s); reconnecting", exc)
                 await asyncio.sleep(1.0)
             finally:
