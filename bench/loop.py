@@ -1,0 +1,289 @@
+"""Learning benchmark: simulated users with one hidden preference teach the running product, round after round.
+
+Everything goes through the real product, as people and operators use it:
+* setup: --users keys made with ``flywheel keys create`` (each simulated user has its own key and seed);
+* round 0 measures the model as it is; each later round then
+  1. chat: the users ask --votes train prompts (bench/prompts.py; a fresh deterministic draw per round) through
+     ``POST /v1/chat/completions`` on model ``flywheel`` (sampled, --temperature), --concurrency at a time;
+  2. feedback: each user reacts (bench/users.py): a thumb on every answer, and an edit of a disapproved answer at
+     --edit-rate, through ``PUT /api/messages/{id}/feedback``;
+  3. train: ``flywheel train --now --wait --json`` (the worker trains, its gate decides, rollout may canary);
+  4. roll out: a candidate or canary that passed the gate is promoted with ``POST /api/adapters/{v}/promote``
+     (the operator's shortcut; the canary's live test needs more votes than a round has);
+* after every round, held-out approval: greedy answers (temperature 0) from ``flywheel`` to held-out prompts no
+  user asks, judged by the same hidden preference, with a Wilson 95% interval, mean words and the neutral
+  no-collapse checks (on topic, not empty, not looping, finished);
+* with --reward-steps N, the reward model (worker/reward.py) is trained on all feedback so far and its scores of
+  those held-out answers are compared with the hidden preference (AUC): can it be trusted as the gate's judge?
+
+Prints a table per round and writes JSON to bench/results/loop-<preference>-<edit rate>-<UTC timestamp>.json.
+Exits 1 if a request or a run failed. Not done yet: the PNG plot, several preferences per invocation, targets.
+
+Run: ``flywheel up`` with FLYWHEEL_RATE_LIMIT_PER_MIN=0 and FLYWHEEL_TRAIN_MIN_NEW above the votes a round
+casts (only the bench starts runs), then in a shell with the same FLYWHEEL_* environment:
+``python bench/loop.py --admin-key KEY --preference concise --edit-rate 0.3 --rounds 2``.
+"""
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+from prompts import load_prompts
+from prompts import split as split_prompts  # bench/prompts.py, bench/users.py, bench/serve.py: siblings
+from serve import format_table
+from users import PREFERENCES, SimulatedUser, make_user, neutral_checks, unit_draw, words
+
+from service.feedback.stats import wilson_interval
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def flywheel(*args: str) -> str:
+    """Run a ``flywheel`` command with this process's environment; its stdout, or RuntimeError with its stderr."""
+    proc = subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"flywheel {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()[-1500:]}")
+    return proc.stdout
+
+
+class Api:
+    """The few HTTP calls a simulated user and an operator make."""
+
+    def __init__(self, base_url: str, admin_key: str):
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=600)
+        self.admin_key = admin_key
+
+    def _auth(self, key: str | None) -> dict:
+        return {"Authorization": f"Bearer {key or self.admin_key}"}
+
+    async def chat(self, key: str, prompt: str, temperature: float, max_tokens: int, seed: int | None) -> dict:
+        body = {"model": "flywheel", "messages": [{"role": "user", "content": prompt}], "temperature": temperature,
+                "max_tokens": max_tokens, **({"seed": seed} if seed is not None and temperature > 0 else {})}
+        response = await self.http.post("/v1/chat/completions", json=body, headers=self._auth(key))
+        response.raise_for_status()
+        reply = response.json()
+        choice = reply["choices"][0]
+        return {"answer": choice["message"]["content"] or "", "finished": choice["finish_reason"] == "stop",
+                "message_id": reply["flywheel"]["message_id"], "adapter": reply["flywheel"]["adapter_version"]}
+
+    async def feedback(self, key: str, message_id: str, body: dict) -> None:
+        response = await self.http.put(f"/api/messages/{message_id}/feedback", json=body, headers=self._auth(key))
+        response.raise_for_status()
+
+    async def get(self, path: str) -> dict:
+        response = await self.http.get(path, headers=self._auth(None))
+        response.raise_for_status()
+        return response.json()
+
+    async def check_idle(self) -> None:
+        """A round must own the loop: no run in flight (it would train on half a round), no canary splitting users."""
+        busy = [r["id"] for r in (await self.get("/api/runs"))["data"] if r["status"] in ("queued", "running")]
+        canary = (await self.get("/ready"))["serving"]["canary"]
+        if busy or canary is not None:
+            raise RuntimeError(f"the service is busy (runs in flight: {busy}, canary: {canary}); let them end or "
+                               "reject the canary first")
+
+    async def wait_serving(self, version: int, timeout_s: float = 120) -> None:
+        """Until this process serves ``version`` as production (registry events reach it within seconds)."""
+        deadline = time.monotonic() + timeout_s
+        while (await self.get("/ready"))["serving"]["production"] != version:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"v{version} was promoted but is not served after {timeout_s:.0f} s")
+            await asyncio.sleep(1)
+
+    async def promote(self, version: int) -> None:
+        response = await self.http.post(f"/api/adapters/{version}/promote", headers=self._auth(None),
+                                        json={"reason": "bench/loop.py: passed the gate"})
+        response.raise_for_status()
+
+
+def round_prompts(prompts: list[str], round_no: int, count: int, seed: int) -> list[str]:
+    """A deterministic draw of ``count`` train prompts for one round (with repeats once every prompt was drawn)."""
+    order = sorted(prompts, key=lambda p: unit_draw(seed, round_no, p))
+    return [order[i % len(order)] for i in range(count)]
+
+
+async def gather_limited(concurrency: int, jobs):
+    gate = asyncio.Semaphore(concurrency)
+
+    async def run(job):
+        async with gate:
+            return await job
+
+    return await asyncio.gather(*(run(j) for j in jobs))
+
+
+async def users_chat_and_vote(api: Api, users: list[tuple[SimulatedUser, str]], prompts: list[str],
+                              args: argparse.Namespace, round_no: int) -> dict:
+    """Each prompt asked by user i % len(users), who then votes (and maybe edits) through the feedback API."""
+    async def one(i: int, prompt: str) -> dict:
+        user, key = users[i % len(users)]
+        reply = await api.chat(key, prompt, args.temperature, args.max_tokens, seed=args.seed * 1000 + round_no + i)
+        reaction = user.react(prompt, reply["answer"])
+        for body in reaction.feedback():
+            await api.feedback(key, reply["message_id"], body)
+        return {"approved": reaction.approved, "edited": reaction.edit is not None}
+
+    done = await gather_limited(args.concurrency, [one(i, p) for i, p in enumerate(prompts)])
+    return {"votes": len(done), "approved": sum(d["approved"] for d in done), "edits": sum(d["edited"] for d in done)}
+
+
+async def measure(api: Api, judge: SimulatedUser, heldout: list[str], args: argparse.Namespace) -> dict:
+    """Held-out approval of what ``flywheel`` now answers greedily, judged by the hidden preference."""
+    replies = await gather_limited(args.concurrency, [api.chat(api.admin_key, p, 0.0, args.max_tokens, None)
+                                                      for p in heldout])
+    approved = sum(judge.approves(p, r["answer"]) for p, r in zip(heldout, replies, strict=True))
+    checks = [neutral_checks(p, r["answer"], r["finished"]) for p, r in zip(heldout, replies, strict=True)]
+    low, high = wilson_interval(approved, len(heldout)) or (None, None)
+    return {"approval": approved / len(heldout), "approval_low": low, "approval_high": high,
+            "mean_words": sum(len(words(r["answer"])) for r in replies) / len(replies),
+            "neutral": {name: sum(c[name] for c in checks) / len(checks) for name in checks[0]},
+            "adapters_seen": sorted({str(r["adapter"]) for r in replies}),
+            "answers": [{"prompt": p, "answer": r["answer"], "finished": r["finished"],
+                         "approved": judge.approves(p, r["answer"])} for p, r in zip(heldout, replies, strict=True)]}
+
+
+async def judge_agreement(answers: list[dict], steps: int) -> dict:
+    """Train the reward model (worker/reward.py) on all feedback so far, then ask whether it agrees with the hidden
+    preference: AUC of its scores on the held-out answers just measured, approved against disapproved."""
+    import asyncpg
+
+    from service.settings import Settings
+    from worker.data import build_training_data
+    from worker.reward import RewardModel, RewardTrainConfig, train_reward_model
+
+    settings = Settings.from_env()
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        data = await build_training_data(conn, settings.training.heldout_fraction, settings.training.max_owner_share)
+    finally:
+        await conn.close()
+    result = await asyncio.to_thread(train_reward_model, RewardTrainConfig(max_steps=steps), data,
+                                     settings.base_model, settings.data_dir / "reward")
+    judge = RewardModel(result.path, settings.base_model)
+    scores = judge.score([[{"role": "user", "content": a["prompt"]}] for a in answers], [a["answer"] for a in answers])
+    good = [s for s, a in zip(scores, answers, strict=True) if a["approved"]]
+    bad = [s for s, a in zip(scores, answers, strict=True) if not a["approved"]]
+    auc = sum((g > b) + 0.5 * (g == b) for g in good for b in bad) / (len(good) * len(bad)) if good and bad else None
+    return {"reward_version": result.version, "reward_heldout_accuracy": result.metrics["heldout_accuracy"],
+            "reward_vs_user_auc": auc, "reward_train_s": result.metrics["seconds"]}
+
+
+async def train_and_roll_out(api: Api, args: argparse.Namespace) -> dict:
+    """``flywheel train --now --wait``; then promote the run's adapter if it passed the gate."""
+    command = ["train", "--now", "--wait", "--json"] + (["--algorithm", args.algorithm] if args.algorithm else []) \
+        + (["--max-steps", str(args.max_steps)] if args.max_steps else [])
+    started = time.perf_counter()
+    try:
+        run = json.loads(await asyncio.to_thread(flywheel, *command))
+    except RuntimeError as error:
+        return {"error": str(error), "train_s": time.perf_counter() - started}
+    metrics = run.get("metrics") or {}
+    metrics = json.loads(metrics) if isinstance(metrics, str) else metrics
+    version = metrics.get("adapter_version")
+    # its status now, not at registration: the rollout may have made it a canary already
+    adapter = await api.get(f"/api/adapters/{version}") if version else None
+    out = {"run": run["id"], "train_s": time.perf_counter() - started, "adapter": version,
+           "stages": "+".join(s.get("algorithm", "?") for s in metrics.get("stages") or []),
+           "verdict": adapter["status"] if adapter else metrics.get("note", "no adapter"),
+           "gate": {k: metrics.get(k) for k in ("candidate_accuracy", "production_accuracy", "kl_from_base",
+                                                "gate_reasons")}}
+    if adapter and adapter["status"] in ("candidate", "canary") and not args.no_promote:
+        await api.promote(version)
+        await api.wait_serving(version)
+        out["verdict"] += " -> production"
+    return out
+
+
+async def bench(args: argparse.Namespace) -> dict:
+    config = json.loads(flywheel("config", "--json"))
+    min_new = int(config.get("FLYWHEEL_TRAIN_MIN_NEW", "32"))
+    if min_new <= args.votes * 2:
+        raise SystemExit(f"FLYWHEEL_TRAIN_MIN_NEW={min_new}: the worker would start runs mid-round; run the service "
+                         f"and this bench with FLYWHEEL_TRAIN_MIN_NEW above {args.votes * 2}")
+    api = Api(args.url, args.admin_key)
+    await api.check_idle()
+    parts = split_prompts(load_prompts())
+    train, heldout = [p.text for p in parts["train"]], [p.text for p in parts["heldout"]][: args.heldout]
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    keys = [flywheel("keys", "create", "--role", "user", "--name", f"bench-loop-{stamp}-{i}").strip().splitlines()[-1]
+            for i in range(args.users)]
+    users = [(make_user(args.preference, args.edit_rate, seed=args.seed + i), key) for i, key in enumerate(keys)]
+    judge = make_user(args.preference, 0.0, seed=args.seed)
+    rounds = [{"round": 0, **await measure(api, judge, heldout, args)}]
+    print(f"round 0: approval {rounds[0]['approval']:.0%}", file=sys.stderr)
+    for round_no in range(1, args.rounds + 1):
+        votes = await users_chat_and_vote(api, users, round_prompts(train, round_no, args.votes, args.seed), args,
+                                          round_no)
+        trained = await train_and_roll_out(api, args)
+        rounds.append({"round": round_no, **votes, **trained, **await measure(api, judge, heldout, args)})
+        if args.reward_steps:
+            rounds[-1].update(await judge_agreement(rounds[-1]["answers"], args.reward_steps))
+        print(f"round {round_no}: approval {rounds[-1]['approval']:.0%}, "
+              f"{trained.get('verdict') or trained.get('error')}", file=sys.stderr)
+    await api.http.aclose()
+    return {"preference": args.preference, "edit_rate": args.edit_rate, "users": args.users, "votes": args.votes,
+            "heldout_prompts": len(heldout), "max_tokens": args.max_tokens, "temperature": args.temperature,
+            "rounds": rounds, "finished_at": datetime.now(UTC).isoformat()}
+
+
+def table(result: dict) -> str:
+    headers = ["round", "approval", "wilson 95%", "words", "on topic", "finished", "votes up", "edits", "stages",
+               "train s", "verdict", "cand acc", "prod acc", "kl", "rm acc", "rm auc"]
+    rows = []
+    for r in result["rounds"]:
+        gate = r.get("gate") or {}
+        interval = f"{r['approval_low']:.2f}-{r['approval_high']:.2f}" if r["approval_low"] is not None else None
+        rows.append([r["round"], r["approval"], interval, r["mean_words"], r["neutral"]["on_topic"],
+                     r["neutral"]["finished"], f"{r['approved']}/{r['votes']}" if "votes" in r else None,
+                     r.get("edits"), r.get("stages"), r.get("train_s"),
+                     r.get("verdict") or ("error" if "error" in r else None),
+                     gate.get("candidate_accuracy"), gate.get("production_accuracy"), gate.get("kl_from_base"),
+                     r.get("reward_heldout_accuracy"), r.get("reward_vs_user_auc")])
+    return format_table(headers, rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--admin-key", required=True, help="an operator or admin key (flywheel up prints one)")
+    parser.add_argument("--preference", choices=sorted(PREFERENCES), default="concise")
+    parser.add_argument("--edit-rate", type=float, default=0.3, help="share of disapproved answers edited; 0 = thumbs")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--users", type=int, default=8, help="simulated users, each with its own key (>= 5: the "
+                                                               "per-owner cap)")
+    parser.add_argument("--votes", type=int, default=64, help="answers rated per round")
+    parser.add_argument("--heldout", type=int, default=48, help="held-out prompts measured (at most all of them)")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--temperature", type=float, default=0.9, help="sampling of the answers users rate")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--algorithm", choices=["auto", "sft", "dpo", "kto"], help="default: the service's setting")
+    parser.add_argument("--max-steps", type=int, help="steps per training stage (default: the worker's epochs)")
+    parser.add_argument("--no-promote", action="store_true", help="leave a passing adapter to the rollout")
+    parser.add_argument("--reward-steps", type=int, default=0, help="after each round, train the reward model this "
+                        "many steps and report its agreement with the hidden preference (0: skip)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    try:
+        result = asyncio.run(bench(args))
+    except (httpx.HTTPError, RuntimeError) as error:
+        print(f"bench/loop.py failed: {error}", file=sys.stderr)
+        return 1
+    print(table(result))
+    out = args.out or RESULTS_DIR / (f"loop-{args.preference}-{args.edit_rate:g}-"
+                                     f"{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {out}")
+    return 1 if any("error" in r for r in result["rounds"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
