@@ -63,9 +63,9 @@ def test_a_users_edit_is_an_answer_it_approves(preference, answer):
 
 def test_edits_keep_what_the_answer_said():
     concise = make_user("concise").edit(PROMPT, RAMBLE)
-    assert concise == "To make coffee, you'll need a few ingredients and a few steps. First, you'll need a pot of hot " \
-                      "water, which you'll need to brew. You'll also need a coffee filter, a coffee grinder, and a " \
-                      "coffee maker."  # 40 words: the next sentence would overflow
+    assert concise == ("To make coffee, you'll need a few ingredients and a few steps. First, you'll need a pot of "
+                       "hot water, which you'll need to brew. You'll also need a coffee filter, a coffee grinder, "
+                       "and a coffee maker.")  # 40 words: the next sentence would overflow
     steps = make_user("steps").edit(PROMPT, RAMBLE).splitlines()
     assert steps[0] == "1. To make coffee, you'll need a few ingredients and a few steps." and len(steps) == 4
     assert "before you" not in make_user("bullets").edit(PROMPT, RAMBLE)  # the cut-off fragment is dropped
