@@ -110,8 +110,9 @@ async def ensure_database(url: str) -> bool:
     admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
     try:
         await admin.execute('CREATE DATABASE "{}"'.format(name.replace('"', '""')))
-    except asyncpg.DuplicateDatabaseError:
-        return False  # another process created it meanwhile
+    except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+        # another process created it meanwhile (racing CREATEs can also trip pg_database's unique index)
+        return False
     finally:
         await admin.close()
     log.info("created database %s", name)
