@@ -8,6 +8,7 @@ refused with a clear error while everything else keeps being served.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -28,6 +29,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 _PINNED = re.compile(r"^flywheel:v(\d+)$")
+UNLOAD_GRACE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class AdapterService:
         # while running ones finish on their version; a version that fails to load leaves the old one in place.
         self.aliases: dict[str, asyncpg.Record | None] = {"production": None, "canary": None}
         self.load_errors: dict[int, str] = {}
+        self._unloading: set[asyncio.Task] = set()  # background unloads, referenced until done
+        self._keep: set[str] = set()  # engine names the last reconcile needs loaded
 
     async def resolve(self, model: str, caller: Caller) -> Target:
         if model == BASE:
@@ -115,6 +119,7 @@ class AdapterService:
                WHERE e.to_status = 'retired' AND e.from_status = 'production' AND a.status = 'retired'
                ORDER BY e.id DESC LIMIT 1""")
         keep = {engine_name(r["version"]) for r in live.values()}
+        served_before = {engine_name(r["version"]) for r in self.aliases.values() if r is not None}
         for alias in ("production", "canary"):
             row = live.get(alias)
             if row is None:
@@ -131,6 +136,20 @@ class AdapterService:
         if previous is not None:
             keep.add(engine_name(previous["version"]))  # the rollback target stays warm
         self.engine.pin(keep)
+        self._keep = keep
+        # A version this process served that is neither live nor the rollback target is unloaded once its requests
+        # end; versions loaded on demand for pinned requests stay until the LRU cap evicts them.
+        for name in served_before - keep:
+            task = asyncio.create_task(self._unload_unless_needed(name))
+            self._unloading.add(task)
+            task.add_done_callback(self._unloading.discard)
+
+    async def _unload_unless_needed(self, name: str) -> None:
+        """After a grace period (requests resolved just before the flip reach the engine, whose unload then waits
+        for them), unless a later reconcile made the version needed again."""
+        await asyncio.sleep(UNLOAD_GRACE_S)
+        if name not in self._keep:
+            await self.engine.unload_adapter(name)
 
     async def _record_load_failure(self, row, error: str) -> None:
         if self.load_errors.get(row["version"]) == error:

@@ -114,7 +114,7 @@ class LocalEngine:
 
     # --- adapters --------------------------------------------------------------------------------------------
     def loaded(self) -> set[str]:
-        return set(self._adapters)
+        return set(self._adapters) - self._draining
 
     def pin(self, names: set[str]) -> None:
         self._pinned = set(names)
@@ -130,14 +130,16 @@ class LocalEngine:
             log.info("loaded adapter %s from %s", name, path)
 
     async def unload_adapter(self, name: str) -> None:
-        if name not in self._adapters:
-            return
-        self._draining.add(name)
-        try:
-            await self._call(lambda: self._unload_when_idle(name))
-        finally:
-            self._draining.discard(name)
-        log.info("unloaded adapter %s", name)
+        # Under the name's lock, so a load of the same name asked for meanwhile waits and then loads it afresh.
+        async with self._name_locks.setdefault(name, asyncio.Lock()):
+            if name not in self._adapters:
+                return
+            self._draining.add(name)
+            try:
+                await self._call(lambda: self._unload_when_idle(name))
+            finally:
+                self._draining.discard(name)
+            log.info("unloaded adapter %s", name)
 
     def health(self) -> EngineHealth:
         ok = self._thread is not None and self._thread.is_alive() and not self._error

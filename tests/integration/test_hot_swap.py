@@ -254,3 +254,9 @@ async def test_the_canary_goes_to_a_stable_share_of_callers(cluster, lora_adapte
     in_canary = first.count(f"flywheel:v{v2}")
     assert set(first) == {f"flywheel:v{v1}", f"flywheel:v{v2}"} and 4 <= in_canary <= 20
     assert cluster.operate(f"{v2}/reject").status_code == 200
+    for process in (cluster.a, cluster.b):  # an ended canary is unloaded everywhere; production stays
+        deadline = time.monotonic() + 4 * RECONCILE_S + 10
+        while f"v{v2}" in _ready(process).json()["loaded_adapters"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        loaded = _ready(process).json()["loaded_adapters"]
+        assert f"v{v2}" not in loaded and f"v{v1}" in loaded

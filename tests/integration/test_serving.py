@@ -171,6 +171,8 @@ def test_a_user_cannot_see_or_touch_another_users_conversation(service):
 
 def test_rate_limit_answers_429_with_retry_after(service):
     key = service.new_key("hasty")
+    if 60 - time.time() % 60 < 30:  # limits count per clock minute: keep the burst inside one
+        time.sleep(60 - time.time() % 60 + 0.5)
     with httpx.Client(base_url=service.url, headers=_auth(key), timeout=30) as client:
         codes = [client.get("/v1/models").status_code for _ in range(RATE_LIMIT + 5)]
         limited = client.get("/v1/models")

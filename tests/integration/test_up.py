@@ -34,7 +34,8 @@ def test_up_runs_everything_embedded_and_stops_cleanly_on_ctrl_c(default_model, 
             time.sleep(0.2)
         api = f"http://127.0.0.1:{api_port}"
         assert httpx.get(f"{api}/health").json() == {"status": "ok"}
-        assert httpx.get(f"{api}/ready").json()["checks"] == {"database": "ok", "redis": "ok", "engine": "ok"}
+        checks = httpx.get(f"{api}/ready").json()["checks"]
+        assert checks == {"database": "ok", "redis": "ok", "engine": "ok", "adapters": "ok"}
         assert "Admin API key" in "".join(lines)
         page = httpx.get(f"http://127.0.0.1:{ui_port}/")
         assert page.status_code == 200 and "gradio" in page.text.lower()
