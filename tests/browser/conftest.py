@@ -17,8 +17,7 @@ import httpx
 import pytest
 
 from service.embedded import free_port
-from tests.conftest import _admin, _fresh_database, with_database
-from tests.integration.service_process import ServiceProcess, child_env
+from tests.integration.service_process import service_on_fresh_database
 
 ADMIN_KEY = "browser-admin-key-" + uuid.uuid4().hex
 CHROMIUM = "/usr/bin/chromium"
@@ -26,21 +25,23 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "browser"
 REPLY_TOKENS = 12  # short replies keep a chat round trip to seconds on a 2-core CPU
+EXPECT_TIMEOUT_MS = 15_000  # Playwright's 5 s default is too short for a busy 2-core machine
+
+
+@pytest.fixture(autouse=True, scope="session")
+def patient_expectations():
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=EXPECT_TIMEOUT_MS)
 
 
 @pytest.fixture(scope="session")
 def service(postgres_server_url, template_database, redis_url, model_dir, default_model, shared_tmp):
-    name = _fresh_database(postgres_server_url, template_database)
-    database_url = with_database(postgres_server_url, name)
-    env = child_env(FLYWHEEL_DATABASE_URL=database_url, FLYWHEEL_REDIS_URL=redis_url,
-                    FLYWHEEL_MODEL_DIR=str(model_dir), FLYWHEEL_DATA_DIR=str(shared_tmp / name),
-                    FLYWHEEL_ADMIN_KEY=ADMIN_KEY, FLYWHEEL_MAX_TOKENS_DEFAULT=str(REPLY_TOKENS),
-                    FLYWHEEL_AUTO_ROLLOUT="false")
-    process = ServiceProcess(env, shared_tmp / f"{name}.log").start()
-    process.database_url = database_url
-    yield process
-    process.stop()
-    asyncio.run(_admin(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with service_on_fresh_database(postgres_server_url, template_database, shared_tmp, FLYWHEEL_REDIS_URL=redis_url,
+                                   FLYWHEEL_MODEL_DIR=str(model_dir), FLYWHEEL_ADMIN_KEY=ADMIN_KEY,
+                                   FLYWHEEL_MAX_TOKENS_DEFAULT=str(REPLY_TOKENS),
+                                   FLYWHEEL_AUTO_ROLLOUT="false") as process:
+        yield process
 
 
 @pytest.fixture(scope="session")

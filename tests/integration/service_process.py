@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
 from service.embedded import free_port
+from tests.conftest import _admin, _fresh_database, with_database
 
 
 class ServiceProcess:
@@ -60,3 +64,19 @@ class ServiceProcess:
 def child_env(**values: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     return {**env, **values}
+
+
+@contextmanager
+def service_on_fresh_database(postgres_server_url: str, template: str, shared_tmp: Path,
+                              **env: str) -> Iterator[ServiceProcess]:
+    """A started service on a database cloned from the template (dropped afterwards), with ``env`` added."""
+    name = _fresh_database(postgres_server_url, template)
+    database_url = with_database(postgres_server_url, name)
+    process = ServiceProcess(child_env(FLYWHEEL_DATABASE_URL=database_url, FLYWHEEL_DATA_DIR=str(shared_tmp / name),
+                                       **env), shared_tmp / f"{name}.log").start()
+    process.database_url = database_url
+    try:
+        yield process
+    finally:
+        process.stop()
+        asyncio.run(_admin(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
