@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from functools import cache
 from typing import Annotated
 
@@ -40,7 +39,7 @@ def run_async(coro):
     """Run a coroutine; turn 'cannot connect' into one line naming what could not be reached."""
     try:
         return asyncio.run(coro)
-    except (TimeoutError, ConnectionError, socket.gaierror) as exc:
+    except (TimeoutError, OSError) as exc:  # what asyncpg and redis raise when they cannot connect
         s = settings()
         raise CommandError(
             f"cannot connect ({exc}); check that PostgreSQL at {mask('url', s.database_url)} "

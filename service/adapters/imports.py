@@ -16,10 +16,9 @@ from pathlib import Path
 import asyncpg
 
 from service.adapters import store
-from service.adapters.files import ADAPTER_FILES, AdapterFilesError, adapter_digest
+from service.adapters.files import ADAPTER_FILES, AdapterFilesError, adapter_digest, lora_misfit
 from service.settings import Settings
 
-_PREFIX = "base_model.model."
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
@@ -82,25 +81,15 @@ def check_against_base(folder: Path, base_model: str) -> dict:
     if not isinstance(rank, int) or rank < 1:
         raise AdapterImportError(f"r must be a positive integer, got {rank!r}", "adapter_config")
     base = base_weight_shapes(base_model)
-    tensors = safetensors_shapes(folder / "adapter_model.safetensors")
-    if not tensors:
-        raise AdapterImportError("adapter_model.safetensors holds no tensors", "adapter_model")
-    for key, shape in tensors.items():
-        if ".lora_A." not in key and ".lora_B." not in key:
-            raise AdapterImportError(f"{key} is not a LoRA weight (modules_to_save and other extras are not served)",
-                               "adapter_model")
-        module = key.removeprefix(_PREFIX).split(".lora_")[0]
+
+    def linear(module: str) -> tuple[int, int] | None:
         weight = base.get(f"{module}.weight")
-        if weight is None or len(weight) != 2:
-            raise AdapterImportError(f"the base model has no linear layer {module}", "adapter_model")
-        out_features, in_features = weight
-        expected_rank = config.get("rank_pattern", {}).get(module.rsplit(".", 1)[-1], rank)
-        if ".lora_A." in key and list(shape) != [expected_rank, in_features]:
-            raise AdapterImportError(f"{key} has shape {list(shape)}; {module} takes {in_features} inputs at rank "
-                               f"{expected_rank}, so it should be {[expected_rank, in_features]}", "adapter_model")
-        if ".lora_B." in key and list(shape) != [out_features, expected_rank]:
-            raise AdapterImportError(f"{key} has shape {list(shape)}; {module} gives {out_features} outputs at rank "
-                               f"{expected_rank}, so it should be {[out_features, expected_rank]}", "adapter_model")
+        return tuple(weight) if weight is not None and len(weight) == 2 else None
+
+    problem = lora_misfit(safetensors_shapes(folder / "adapter_model.safetensors"), rank,
+                          config.get("rank_pattern") or {}, linear)
+    if problem:
+        raise AdapterImportError(problem, "adapter_model")
     return config
 
 
@@ -123,8 +112,11 @@ async def import_adapter(conn: asyncpg.Connection, settings: Settings, source: P
     settings.adapter_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".import-", dir=settings.adapter_dir))
     try:
-        for file in ADAPTER_FILES:
-            shutil.copyfile(source / file, staging / file)
+        try:
+            for file in ADAPTER_FILES:
+                shutil.copyfile(source / file, staging / file)
+        except OSError as exc:  # a file error is about the adapter, not a lost connection
+            raise AdapterFilesError(f"{source} cannot be copied: {exc}") from exc
         if adapter_digest(staging) != (sha256, size):
             raise AdapterFilesError(f"{source} changed while it was being copied; try again")
         async with conn.transaction():

@@ -86,6 +86,7 @@ async def _check_files(conn: asyncpg.Connection, version: int) -> None:
 
 async def promote(conn: asyncpg.Connection, version: int, *, actor: str, reason: str | None) -> asyncpg.Record:
     """Make ``version`` production; the current production retires (it stays the rollback target)."""
+    await _check_files(conn, version)  # before the lock: hashing a large adapter must not hold up other operations
     live = await _live(conn)
     current = live.get("production")
     if current is not None and current["version"] == version:
@@ -94,7 +95,6 @@ async def promote(conn: asyncpg.Connection, version: int, *, actor: str, reason:
     if target is not None and "production" not in ALLOWED[target["status"]]:
         raise Conflict(f"adapter v{version} is {target['status']}; it cannot become production",
                        extra={"current_status": target["status"]})
-    await _check_files(conn, version)
     if current is not None:
         await transition(conn, current["version"], "retired", actor=actor, reason=f"replaced by v{version}")
     return await transition(conn, version, "production", actor=actor, reason=reason, canary_percent=None)
@@ -102,11 +102,11 @@ async def promote(conn: asyncpg.Connection, version: int, *, actor: str, reason:
 
 async def start_canary(conn: asyncpg.Connection, version: int, percent: int, *, actor: str,
                        reason: str | None) -> asyncpg.Record:
+    await _check_files(conn, version)
     live = await _live(conn)
     if "canary" in live and live["canary"]["version"] != version:
         raise Conflict(f"v{live['canary']['version']} is in canary already; promote or reject it first",
                        extra={"current_status": "canary", "canary_version": live["canary"]["version"]})
-    await _check_files(conn, version)
     return await transition(conn, version, "canary", actor=actor, reason=reason, canary_percent=percent)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from litestar import Controller, Request, get, post
@@ -9,8 +11,10 @@ from litestar.datastructures import State, UploadFile
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
+from service.adapters.files import ADAPTER_FILES
 from service.adapters.schemas import Change, StartCanary
 from service.auth import Caller, Role
+from service.errors import ClientError, NotFound
 
 Auth = NamedDependency[Caller]
 Status = Literal["training", "candidate", "rejected", "failed", "canary", "production", "retired", "rolled_back"]
@@ -28,12 +32,6 @@ class AdapterController(Controller):
     async def import_adapter(self, request: Request, caller: Auth, state: State) -> dict[str, Any]:
         """Multipart upload of a PEFT adapter: files ``adapter_config`` and ``adapter_model``, fields ``name`` and
         ``reason``. It becomes a candidate; promote or canary it like a trained one."""
-        import tempfile
-        from pathlib import Path
-
-        from service.adapters.files import ADAPTER_FILES
-        from service.errors import ClientError
-
         caller.require(Role.operator)  # before reading an upload
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ClientError("send multipart/form-data with files adapter_config and adapter_model", field="body")
@@ -62,8 +60,6 @@ class AdapterController(Controller):
     @post("/{version:int}/{operation:str}", status_code=200)
     async def change(self, version: FromPath[int], operation: FromPath[str], caller: Auth, state: State,
                      data: JSONBody[Change | None] = None) -> dict[str, Any]:
-        from service.errors import NotFound
-
         if operation not in ("promote", "reject", "retire"):
             raise NotFound(f"no operation {operation!r} (promote, reject, retire, canary)", field="operation")
         return await state.adapters.operate(caller, operation, version, reason=data.reason if data else None)

@@ -13,10 +13,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from service.adapters.files import AdapterFilesError, adapter_digest
+from service.adapters.files import AdapterFilesError, adapter_digest, lora_misfit
 from service.engine.base import AdapterLoadError
-
-_PREFIX = "base_model.model."
 
 
 def read_adapter_files(path: str, sha256: str | None):
@@ -43,21 +41,13 @@ def read_adapter_files(path: str, sha256: str | None):
 
 
 def adapter_fits(base: torch.nn.Module, weights: dict[str, torch.Tensor], config) -> str | None:
-    """None if every LoRA tensor has a module of the right shape in ``base``, else what differs."""
-    if not weights:
-        return "it has no weights"
-    for key, tensor in weights.items():
-        if ".lora_A." not in key and ".lora_B." not in key:
-            continue
-        module_name = key.removeprefix(_PREFIX).split(".lora_")[0]
+    """None if every LoRA tensor has a linear layer of the right shape in ``base``, else what differs."""
+    def linear(module: str) -> tuple[int, int] | None:
         try:
-            module = base.get_submodule(module_name)
+            layer = base.get_submodule(module)
         except AttributeError:
-            return f"the base model has no module {module_name}"
-        in_features = getattr(module, "in_features", None)
-        out_features = getattr(module, "out_features", None)
-        if ".lora_A." in key and tensor.shape[1] != in_features:
-            return f"{module_name} takes {in_features} inputs, the adapter's lora_A expects {tensor.shape[1]}"
-        if ".lora_B." in key and tensor.shape[0] != out_features:
-            return f"{module_name} has {out_features} outputs, the adapter's lora_B gives {tensor.shape[0]}"
-    return None
+            return None
+        return (layer.out_features, layer.in_features) if hasattr(layer, "in_features") else None
+
+    shapes = {key: list(tensor.shape) for key, tensor in weights.items()}
+    return lora_misfit(shapes, config.r, config.rank_pattern or {}, linear)
