@@ -16,17 +16,27 @@ Everything goes through the real product, as people and operators use it:
 * with --reward-steps N, the reward model (worker/reward.py) is trained on all feedback so far and its scores of
   those held-out answers are compared with the hidden preference (AUC): can it be trusted as the gate's judge?
 
-Prints a table per round and writes JSON to bench/results/loop-<preference>-<edit rate>-<UTC timestamp>.json.
-Exits 1 if a request or a run failed. Not done yet: the PNG plot, several preferences per invocation, targets.
+Each (preference, edit rate) pair runs on a service of its own: the bench starts ``flywheel up --no-ui`` on a
+fresh database (``flywheel_loop_bench`` on --database-url's server) and data folder, with only the bench starting
+runs (FLYWHEEL_TRAIN_MIN_NEW above a round's votes). With --url it drives an already running service instead (one
+pair; give --admin-key and run it with that service's FLYWHEEL_* environment).
 
-Run: ``flywheel up`` with FLYWHEEL_RATE_LIMIT_PER_MIN=0 and FLYWHEEL_TRAIN_MIN_NEW above the votes a round
-casts (only the bench starts runs), then in a shell with the same FLYWHEEL_* environment:
-``python bench/loop.py --admin-key KEY --preference concise --edit-rate 0.3 --rounds 2``.
+Targets (issue #8), checked per pair and printed as PASS/FAIL: with edits, held-out approval +40 points after one
+round; thumbs only, +20 within two rounds; no neutral check falls more than 10 points below round 0; each round
+from trigger to promoted adapter under 10 minutes. Prints a table per pair, writes JSON to
+bench/results/loop-<UTC timestamp>.json and, when matplotlib is installed (``pip install -e '.[bench]'``), a PNG
+of approval per round for each pair beside it. Exits 1 if a request or a run failed.
+
+Run: ``python bench/loop.py --preference concise steps --edit-rate 0.3 0 --rounds 2`` (PostgreSQL and Redis
+running, the default model fetched).
 """
 
 import argparse
 import asyncio
+import itertools
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -37,16 +47,19 @@ import httpx
 from prompts import load_prompts
 from prompts import split as split_prompts  # bench/prompts.py, bench/users.py, bench/serve.py: siblings
 from serve import format_table
+from swap import Replica, fresh_database
 from users import PREFERENCES, SimulatedUser, make_user, neutral_checks, unit_draw, words
 
 from service.feedback.stats import wilson_interval
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ADMIN_KEY = "fw-loop-bench-admin"
+ENV: dict[str, str] = dict(os.environ)  # what ``flywheel`` commands run with: the service's environment
 
 
 def flywheel(*args: str) -> str:
-    """Run a ``flywheel`` command with this process's environment; its stdout, or RuntimeError with its stderr."""
-    proc = subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True)
+    """Run a ``flywheel`` command with the service's environment; its stdout, or RuntimeError with its stderr."""
+    proc = subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, env=ENV)
     if proc.returncode != 0:
         raise RuntimeError(f"flywheel {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()[-1500:]}")
     return proc.stdout
@@ -193,15 +206,18 @@ async def train_and_roll_out(api: Api, args: argparse.Namespace) -> dict:
            "stages": "+".join(s.get("algorithm", "?") for s in metrics.get("stages") or []),
            "verdict": adapter["status"] if adapter else metrics.get("note", "no adapter"),
            "gate": {k: metrics.get(k) for k in ("candidate_accuracy", "production_accuracy", "kl_from_base",
-                                                "gate_reasons")}}
+                                                "changed_share", "judge_win_rate", "judge_margin",
+                                                "neutral_candidate", "neutral_production", "gate_reasons",
+                                                "reward_model", "best_of_k")}}
     if adapter and adapter["status"] in ("candidate", "canary") and not args.no_promote:
         await api.promote(version)
         await api.wait_serving(version)
         out["verdict"] += " -> production"
+    out["trigger_to_serving_s"] = time.perf_counter() - started
     return out
 
 
-async def bench(args: argparse.Namespace) -> dict:
+async def bench(args: argparse.Namespace, preference: str, edit_rate: float) -> dict:
     config = json.loads(flywheel("config", "--json"))
     min_new = int(config.get("FLYWHEEL_TRAIN_MIN_NEW", "32"))
     if min_new <= args.votes * 2:
@@ -214,8 +230,8 @@ async def bench(args: argparse.Namespace) -> dict:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     keys = [flywheel("keys", "create", "--role", "user", "--name", f"bench-loop-{stamp}-{i}").strip().splitlines()[-1]
             for i in range(args.users)]
-    users = [(make_user(args.preference, args.edit_rate, seed=args.seed + i), key) for i, key in enumerate(keys)]
-    judge = make_user(args.preference, 0.0, seed=args.seed)
+    users = [(make_user(preference, edit_rate, seed=args.seed + i), key) for i, key in enumerate(keys)]
+    judge = make_user(preference, 0.0, seed=args.seed)
     rounds = [{"round": 0, **await measure(api, judge, heldout, args)}]
     print(f"round 0: approval {rounds[0]['approval']:.0%}", file=sys.stderr)
     for round_no in range(1, args.rounds + 1):
@@ -228,39 +244,131 @@ async def bench(args: argparse.Namespace) -> dict:
         print(f"round {round_no}: approval {rounds[-1]['approval']:.0%}, "
               f"{trained.get('verdict') or trained.get('error')}", file=sys.stderr)
     await api.http.aclose()
-    return {"preference": args.preference, "edit_rate": args.edit_rate, "users": args.users, "votes": args.votes,
+    return {"preference": preference, "edit_rate": edit_rate, "users": args.users, "votes": args.votes,
             "heldout_prompts": len(heldout), "max_tokens": args.max_tokens, "temperature": args.temperature,
             "rounds": rounds, "finished_at": datetime.now(UTC).isoformat()}
 
 
 def table(result: dict) -> str:
     headers = ["round", "approval", "wilson 95%", "words", "on topic", "finished", "votes up", "edits", "stages",
-               "train s", "verdict", "cand acc", "prod acc", "kl", "rm acc", "rm auc"]
+               "round s", "verdict", "changed", "rm win", "rm acc", "cand acc", "prod acc", "kl"]
     rows = []
     for r in result["rounds"]:
         gate = r.get("gate") or {}
+        judge = gate.get("reward_model") if isinstance(gate.get("reward_model"), dict) else {}
         interval = f"{r['approval_low']:.2f}-{r['approval_high']:.2f}" if r["approval_low"] is not None else None
         rows.append([r["round"], r["approval"], interval, r["mean_words"], r["neutral"]["on_topic"],
                      r["neutral"]["finished"], f"{r['approved']}/{r['votes']}" if "votes" in r else None,
-                     r.get("edits"), r.get("stages"), r.get("train_s"),
-                     r.get("verdict") or ("error" if "error" in r else None),
-                     gate.get("candidate_accuracy"), gate.get("production_accuracy"), gate.get("kl_from_base"),
-                     r.get("reward_heldout_accuracy"), r.get("reward_vs_user_auc")])
+                     r.get("edits"), r.get("stages"), r.get("trigger_to_serving_s"),
+                     r.get("verdict") or ("error" if "error" in r else None), gate.get("changed_share"),
+                     gate.get("judge_win_rate"), judge.get("heldout_accuracy"), gate.get("candidate_accuracy"),
+                     gate.get("production_accuracy"), gate.get("kl_from_base")])
     return format_table(headers, rows)
+
+
+def targets(result: dict) -> list[list]:
+    """Issue #8's targets for one (preference, edit rate) pair: [check, value, target, PASS/FAIL]."""
+    rounds = result["rounds"]
+    start = rounds[0]
+    checks = []
+    if result["edit_rate"] > 0 and len(rounds) > 1:
+        gain = rounds[1]["approval"] - start["approval"]
+        checks.append(["approval gain after round 1 (edits)", gain, ">= 0.40", gain >= 0.40])
+    if result["edit_rate"] == 0 and len(rounds) > 1:
+        gain = max(r["approval"] for r in rounds[1:3]) - start["approval"]
+        checks.append(["best approval gain within 2 rounds (thumbs)", gain, ">= 0.20", gain >= 0.20])
+    drop = max(start["neutral"][k] - r["neutral"][k] for r in rounds[1:] for k in start["neutral"]) \
+        if len(rounds) > 1 else 0.0
+    checks.append(["largest neutral-check drop", drop, "<= 0.10", drop <= 0.10])
+    slowest = max((r.get("trigger_to_serving_s") or 0 for r in rounds[1:]), default=0.0)
+    checks.append(["slowest trigger -> serving (s)", slowest, "< 600", slowest < 600])
+    return [[c, v, t, "PASS" if ok else "FAIL"] for c, v, t, ok in checks]
+
+
+def plot(results: list[dict], path: Path) -> bool:
+    """Approval per round, one line per pair, with Wilson intervals; False when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for result in results:
+        rounds = result["rounds"]
+        x = [r["round"] for r in rounds]
+        y = [r["approval"] for r in rounds]
+        low = [r["approval"] - (r["approval_low"] or r["approval"]) for r in rounds]
+        high = [(r["approval_high"] or r["approval"]) - r["approval"] for r in rounds]
+        label = f"{result['preference']}, " + (f"edit rate {result['edit_rate']:g}" if result["edit_rate"]
+                                               else "thumbs only")
+        ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=label)
+    ax.set(xlabel="round", ylabel="held-out approval (greedy)", ylim=(0, 1), title="Flywheel learning benchmark")
+    ax.set_xticks(sorted({r["round"] for res in results for r in res["rounds"]}))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+async def own_service(args: argparse.Namespace, log: Path) -> Replica:
+    """``flywheel up --no-ui`` on a fresh database and data folder, with only this bench starting runs."""
+    database_url = await fresh_database(args.database_url, "flywheel_loop_bench")
+    data_dir = RESULTS_DIR / "loop-data"
+    shutil.rmtree(data_dir, ignore_errors=True)  # adapters of the database just dropped
+    ENV.clear()
+    ENV.update({k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")})
+    ENV.update(FLYWHEEL_DATABASE_URL=database_url, FLYWHEEL_REDIS_URL=args.redis_url, FLYWHEEL_ADMIN_KEY=ADMIN_KEY,
+               FLYWHEEL_RATE_LIMIT_PER_MIN="0", FLYWHEEL_TRAIN_MIN_NEW=str(args.votes * 4 + 1),
+               FLYWHEEL_DATA_DIR=str(data_dir), FLYWHEEL_TRAIN_POLL_S="2",
+               FLYWHEEL_AUTO_ROLLOUT="false")
+    service = Replica(ENV, log, command=("up", "--no-ui", "--embedded", "never"))
+    async with httpx.AsyncClient(timeout=10) as http:
+        await service.wait_ready(http, timeout=300)
+    return service
+
+
+async def run_all(args: argparse.Namespace) -> list[dict]:
+    results = []
+    for preference, edit_rate in itertools.product(args.preference, args.edit_rate):
+        service = None
+        if not args.url:
+            service = await own_service(args, RESULTS_DIR / f"loop-{preference}-{edit_rate:g}.log")
+        url, key = (args.url, args.admin_key) if args.url else (service.url, ADMIN_KEY)
+        try:
+            started = time.perf_counter()
+            result = await bench(argparse.Namespace(**{**vars(args), "url": url, "admin_key": key}), preference,
+                                 edit_rate)
+            result["seconds"] = time.perf_counter() - started
+        finally:
+            if service:
+                service.stop()
+        print(f"\n{preference}, edit rate {edit_rate:g}")
+        print(table(result))
+        print(format_table(["check", "value", "target", "result"], targets(result)))
+        results.append(result)
+    return results
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--admin-key", required=True, help="an operator or admin key (flywheel up prints one)")
-    parser.add_argument("--preference", choices=sorted(PREFERENCES), default="concise")
-    parser.add_argument("--edit-rate", type=float, default=0.3, help="share of disapproved answers edited; 0 = thumbs")
+    parser.add_argument("--url", help="drive this running service instead of starting one per pair")
+    parser.add_argument("--admin-key", help="with --url: an operator or admin key")
+    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
+                        help="a database on the PostgreSQL server for the bench's own services")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--preference", nargs="+", choices=sorted(PREFERENCES), default=["concise"])
+    parser.add_argument("--edit-rate", nargs="+", type=float, default=[0.3],
+                        help="share of disapproved answers edited; 0 = thumbs only")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--users", type=int, default=8, help="simulated users, each with its own key (>= 5: the "
                                                                "per-owner cap)")
     parser.add_argument("--votes", type=int, default=64, help="answers rated per round")
     parser.add_argument("--heldout", type=int, default=48, help="held-out prompts measured (at most all of them)")
-    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.9, help="sampling of the answers users rate")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--algorithm", choices=["auto", "sft", "dpo", "kto"], help="default: the service's setting")
@@ -269,20 +377,23 @@ def main() -> int:
     parser.add_argument("--reward-steps", type=int, default=0, help="after each round, train the reward model this "
                         "many steps and report its agreement with the hidden preference (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=Path, help="JSON path (default: bench/results/loop-<UTC timestamp>.json)")
     args = parser.parse_args()
+    if args.url and (not args.admin_key or len(args.preference) * len(args.edit_rate) > 1):
+        parser.error("--url drives one running service: give --admin-key and one preference and edit rate")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     try:
-        result = asyncio.run(bench(args))
+        results = asyncio.run(run_all(args))
     except (httpx.HTTPError, RuntimeError) as error:
         print(f"bench/loop.py failed: {error}", file=sys.stderr)
         return 1
-    print(table(result))
-    out = args.out or RESULTS_DIR / (f"loop-{args.preference}-{args.edit_rate:g}-"
-                                     f"{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
+    out = args.out or RESULTS_DIR / f"loop-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"results": results, "targets": [targets(r) for r in results]}, indent=2,
+                              default=str))
     print(f"wrote {out}")
-    return 1 if any("error" in r for r in result["rounds"]) else 0
+    png = out.with_suffix(".png")
+    print(f"wrote {png}" if plot(results, png) else "no PNG: pip install -e '.[bench]' for matplotlib")
+    return 1 if any("error" in r for res in results for r in res["rounds"]) else 0
 
 
 if __name__ == "__main__":

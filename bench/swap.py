@@ -40,11 +40,13 @@ DATABASE = "flywheel_swap_bench"
 
 
 class Replica:
-    def __init__(self, env: dict, log: Path):
+    """A ``flywheel`` process (``serve`` unless ``command`` says otherwise) on a free port, logging to ``log``."""
+
+    def __init__(self, env: dict, log: Path, command: tuple[str, ...] = ("serve",)):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log, "w")  # noqa: SIM115 - open while the process runs
-        self.process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"],
+        self.process = subprocess.Popen([sys.executable, "-m", "service.cli", *command],
                                         env={**env, "FLYWHEEL_PORT": str(self.port)}, stdout=self.log,
                                         stderr=subprocess.STDOUT)
 
@@ -166,14 +168,15 @@ async def benchmark(args, env: dict, adapters: list[Path]) -> dict:
     return {"versions": versions, "loads_s": loads, "swaps": swaps, "outcomes": outcomes}
 
 
-async def fresh_database(server_url: str) -> str:
+async def fresh_database(server_url: str, name: str = DATABASE) -> str:
+    """The URL of database ``name`` on ``server_url``'s server, dropped and created empty."""
     conn = await asyncpg.connect(server_url)
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{DATABASE}"')
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    return server_url.rsplit("/", 1)[0] + f"/{DATABASE}"
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 def main() -> None:

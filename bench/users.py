@@ -9,9 +9,8 @@ Every decision is a pure function of (seed, preference, prompt, answer): a round
 order its concurrent chats finish in, and a user judges the same answer the same way twice. The edit rate is the
 share of *disapproved* answers a user edits (approved answers are never edited); 0 means thumbs only.
 
-Each preference is one narrow taste, so that the others' checks stay neutral: ``neutral_checks`` is what every
-answer should pass whatever the user wants (on topic, not empty, not looping, finished), the no-collapse guard.
-This module does no I/O and knows nothing about the service.
+Each preference is one narrow taste, so that the others' checks stay neutral: ``neutral_checks`` (worker/checks.py, the
+gate's own) is what every answer should pass whatever the user wants: the no-collapse guard. This module does no I/O.
 """
 
 from __future__ import annotations
@@ -22,12 +21,9 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
+from worker.checks import keywords, mentions, neutral_checks, words  # noqa: F401 - the benchmark's guard
+
 FALLBACK = "I am not sure."  # what a user writes when the answer gave it nothing to work with
-_STOPWORDS = """a an and are as at be best can could do does for from good have how i if in is it its me my of on
-or should so some that the their there these this to was we what when where which who why will with would you your
-any about into than then them they just give tell name list explain make get keep use way ways much many need want
-there's what's it's i'm don't without ever never"""
-STOPWORDS = frozenset(_STOPWORDS.split())
 
 
 @dataclass(frozen=True)
@@ -200,23 +196,7 @@ def make_user(preference: str, edit_rate: float = 0.0, seed: int = 0) -> Simulat
     return PREFERENCES[preference](edit_rate=edit_rate, seed=seed)
 
 
-def neutral_checks(prompt: str, answer: str, finished: bool = True) -> dict[str, bool]:
-    """What every answer should pass whatever the preference: the benchmark's no-collapse guard.
-
-    ``finished`` is False when generation stopped at its token limit (finish_reason "length"): the answer was cut.
-    """
-    tokens = [w.lower() for w in words(answer)]
-    trigrams = list(zip(tokens, tokens[1:], tokens[2:], strict=False))
-    looping = len(trigrams) >= 6 and len(set(trigrams)) < 0.5 * len(trigrams)
-    return {"not_empty": bool(tokens), "on_topic": not keywords(prompt) or mentions(prompt, answer),
-            "not_looping": not looping, "finished": finished and bool(re.search(r"[.!?)\]\"'*:]\s*$", answer))}
-
-
 # ---- text helpers: plain rules, so that a test can say exactly what each user wants --------------------------------
-
-def words(text: str) -> list[str]:
-    return re.findall(r"\S+", text)
-
 
 def sentences(text: str) -> list[str]:
     """Sentences and list items, markers stripped; a trailing fragment cut off mid-sentence is dropped."""
@@ -239,18 +219,6 @@ def list_items(answer: str) -> list[str]:
         half = max(1, len(ws) // 2)
         items = [" ".join(ws[:half]), " ".join(ws[half:]) or "That is all."]
     return items
-
-
-def keywords(prompt: str) -> list[str]:
-    """The content words of a prompt, in order: what an answer on topic mentions."""
-    found = [w for w in re.findall(r"[a-z][a-z'-]+", prompt.lower()) if len(w) >= 3 and w not in STOPWORDS]
-    return list(dict.fromkeys(found))
-
-
-def mentions(prompt: str, text: str) -> bool:
-    """Whether ``text`` names one of the prompt's keywords (compared on their first five letters)."""
-    stems = {k[:5] for k in keywords(prompt)}
-    return any(w[:5] in stems for w in re.findall(r"[a-z][a-z'-]+", text.lower()))
 
 
 def unit_draw(*parts) -> float:

@@ -105,6 +105,19 @@ class TrainingSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_owner_share: Annotated[
         float, _doc("Largest share of any training set one API key may contribute.", gt=0.0, le=1.0)
     ] = 0.2
+    reward_min_pairs: Annotated[
+        int, _doc("Preference pairs (thumb pairs included) a run needs to train its reward model, the gate's judge; "
+                  "0 never trains one.", ge=0)
+    ] = 16
+    reward_max_steps: Annotated[
+        int, _doc("Steps the run's reward model trains at most: its cost grows with the votes, and a judge needs to "
+                  "rank answers, not to converge.", ge=1)
+    ] = 16
+    best_of_k: Annotated[
+        int, _doc("Answers sampled per training prompt when the reward model is trusted; its favourite becomes an "
+                  "SFT target (rejection sampling). 0 or 1: off.", ge=0, le=16)
+    ] = 4
+    best_of_prompts: Annotated[int, _doc("Training prompts sampled for best-of-k per run.", ge=1)] = 32
 
 
 class RolloutSettings(msgspec.Struct, frozen=True, kw_only=True):

@@ -30,11 +30,13 @@ class TrainingData:
     kto: Split = field(default_factory=Split)
     data_until: datetime | None = None
     dropped_by_owner_cap: int = 0
+    best_of_k: list[dict] = field(default_factory=list)  # SFT rows the reward model picked (worker/sampling.py)
 
     def counts(self) -> dict[str, int]:
         out = {f"{fmt}_{part}": len(getattr(getattr(self, fmt), part)) for fmt in FORMATS
                for part in ("train", "heldout")}
         out["dropped_by_owner_cap"] = self.dropped_by_owner_cap
+        out["best_of_k"] = len(self.best_of_k)
         return out
 
     @property

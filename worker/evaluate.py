@@ -4,9 +4,18 @@ On the held-out split (prompts no training row saw) it measures preference accur
 adapter's log-likelihood margin against the base ranks the chosen answer over the rejected one (and, for thumbs,
 where the margin's sign matches the label). It compares that with production's (or the base's, which scores 0:
 its margin against itself is nil), measures drift from the base as the mean per-token KL on fixed prompts, and runs
-the operators' regression prompts. Every metric is returned whatever the verdict, to be stored on the adapter row.
-Preference accuracy alone does not prove behaviour changed (shared/probes/learning.md); the behavioural check with
-a reward model belongs to the reward-model work.
+the operators' regression prompts.
+
+Preference accuracy alone does not prove behaviour changed: DPO reached accuracy 1.0 on the default model while its
+answers barely moved (shared/probes/learning.md). So the gate also looks at behaviour: candidate and production
+answer the held-out prompts greedily, as users would be served, and
+- the candidate must answer differently on at least ``min_changed`` of them (an adapter that changes nothing is
+  not worth a rollout);
+- no no-collapse check (worker/checks.py: not empty, on topic, not looping, finished) may pass on more than
+  ``max_neutral_drop`` fewer of its answers than production's;
+- when the run's reward model is trusted (held-out accuracy at least ``min_judge_accuracy``), it must prefer the
+  candidate's answers on at least ``min_win_rate`` of the prompts (ties count half).
+Every metric is returned whatever the verdict, to be stored on the adapter row and shown to operators.
 """
 
 from __future__ import annotations
@@ -16,7 +25,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from worker.checks import neutral_checks, pass_rates
 from worker.data import TrainingData
+from worker.sampling import generate, last_user_turn, unique_prompts
 
 # Fixed everyday prompts with plain reference answers: drift is measured on the same text for every candidate.
 KL_PROMPTS = [
@@ -34,7 +45,12 @@ class GateConfig:
     min_gain: float = 0.02  # preference accuracy the candidate must add over production
     max_kl: float = 1.0  # mean per-token KL from the base on KL_PROMPTS, in nats
     regression_prompts: Path | None = None  # JSONL: {"prompt": str, "must": [regex], "must_not": [regex]}
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128  # per greedy answer: enough for an everyday answer to finish
+    behaviour_prompts: int = 32  # held-out prompts answered by candidate and production
+    min_changed: float = 0.1  # share of those answers the candidate must change
+    max_neutral_drop: float = 0.1  # largest fall in any no-collapse check's pass rate
+    min_judge_accuracy: float = 0.7  # held-out accuracy that makes the reward model a judge
+    min_win_rate: float = 0.55  # share of prompts where the judge must prefer the candidate (ties half)
 
 
 @dataclass
@@ -44,7 +60,9 @@ class Verdict:
     metrics: dict = field(default_factory=dict)
 
 
-def evaluate(base_model: str, candidate: str, production: str | None, data: TrainingData, gate: GateConfig) -> Verdict:
+def evaluate(base_model: str, candidate: str, production: str | None, data: TrainingData, gate: GateConfig,
+             judge=None) -> Verdict:
+    """``judge``: the run's RewardModel (worker/reward.py), used when it is trusted."""
     import torch
     from peft import PeftModel
 
@@ -65,6 +83,9 @@ def evaluate(base_model: str, candidate: str, production: str | None, data: Trai
             metrics["production_accuracy"] = scorer.accuracy("production", pairs, labelled) if production else 0.0
         metrics["kl_from_base"] = scorer.mean_kl("candidate")
         failures = run_regressions(scorer, gate) if gate.regression_prompts else []
+        prompts = unique_prompts(data.dpo.heldout + data.kto.heldout + data.sft.heldout, gate.behaviour_prompts)
+        if prompts:
+            metrics.update(behaviour(model, tokenizer, prompts, bool(production), gate, judge))
     metrics["regression_failures"] = failures
     reasons = []
     if not (pairs or labelled):
@@ -77,7 +98,66 @@ def evaluate(base_model: str, candidate: str, production: str | None, data: Trai
         reasons.append(f"drifts {metrics['kl_from_base']:.3f} nats/token from the base (max {gate.max_kl})")
     if failures:
         reasons.append(f"{len(failures)} regression prompt(s) failed")
+    reasons += behaviour_reasons(metrics, gate, "production" if production else "the base")
     return Verdict(not reasons, reasons, metrics)
+
+
+def behaviour(model, tokenizer, prompts: list[list[dict]], has_production: bool, gate: GateConfig, judge) -> dict:
+    """Greedy answers of candidate and production (or the base) to ``prompts``, compared."""
+    model.set_adapter("candidate")
+    candidate = [a[0] for a in generate(model, tokenizer, prompts, max_new_tokens=gate.max_new_tokens)]
+    if has_production:
+        model.set_adapter("production")
+        served = [a[0] for a in generate(model, tokenizer, prompts, max_new_tokens=gate.max_new_tokens)]
+    else:
+        with model.disable_adapter():
+            served = [a[0] for a in generate(model, tokenizer, prompts, max_new_tokens=gate.max_new_tokens)]
+    questions = [last_user_turn(p) for p in prompts]
+    checked = {name: pass_rates([neutral_checks(q, a.text, a.finished) for q, a in zip(questions, answers,
+                                                                                         strict=True)])
+               for name, answers in (("candidate", candidate), ("production", served))}
+    out = {"behaviour_prompts": len(prompts),
+           "changed_share": round(sum(c.text != s.text for c, s in zip(candidate, served, strict=True))
+                                  / len(prompts), 4),
+           "neutral_candidate": checked["candidate"], "neutral_production": checked["production"],
+           "mean_words": {"candidate": _mean_words(candidate), "production": _mean_words(served)},
+           "examples": [{"prompt": q, "candidate": c.text[:400], "production": s.text[:400]}
+                        for q, c, s in list(zip(questions, candidate, served, strict=True))[:3]]}
+    if judge is not None:
+        out.update(judge_version=judge.version, judge_accuracy=judge.heldout_accuracy)
+        if judge.trusted(gate.min_judge_accuracy):
+            ours = judge.score(prompts, [a.text for a in candidate])
+            theirs = judge.score(prompts, [a.text for a in served])
+            wins = sum((o > t) + 0.5 * (o == t) for o, t in zip(ours, theirs, strict=True))
+            out["judge_win_rate"] = round(wins / len(prompts), 4)
+            out["judge_margin"] = round(sum(o - t for o, t in zip(ours, theirs, strict=True)) / len(prompts), 4)
+    return out
+
+
+def behaviour_reasons(metrics: dict, gate: GateConfig, served: str) -> list[str]:
+    """Why the candidate's answers do not deserve a rollout; empty when they do (or were not measured)."""
+    n = metrics.get("behaviour_prompts")
+    if not n:
+        return []
+    reasons = []
+    if metrics["changed_share"] < gate.min_changed:
+        reasons.append(f"changes no behaviour: its greedy answers to {n} held-out prompts differ from {served}'s on "
+                       f"{metrics['changed_share']:.0%} (at least {gate.min_changed:.0%} needed)")
+    drops = {k: metrics["neutral_production"][k] - v for k, v in metrics["neutral_candidate"].items()}
+    worst = max(drops, key=drops.get)
+    if drops[worst] > gate.max_neutral_drop:
+        reasons.append(f"collapse check '{worst}' passes on {metrics['neutral_candidate'][worst]:.0%} of its answers "
+                       f"against {metrics['neutral_production'][worst]:.0%} for {served} (at most "
+                       f"{gate.max_neutral_drop:.0%} fewer allowed)")
+    if metrics.get("judge_win_rate") is not None and metrics["judge_win_rate"] < gate.min_win_rate:
+        reasons.append(f"the reward model (v{metrics['judge_version']}, held-out accuracy "
+                       f"{metrics['judge_accuracy']:.2f}) prefers its answers on {metrics['judge_win_rate']:.0%} of "
+                       f"{n} held-out prompts (at least {gate.min_win_rate:.0%} needed)")
+    return reasons
+
+
+def _mean_words(answers) -> float:
+    return round(sum(len(a.text.split()) for a in answers) / len(answers), 1)
 
 
 def run_regressions(scorer: _Scorer, gate: GateConfig) -> list[dict]:
@@ -86,7 +166,9 @@ def run_regressions(scorer: _Scorer, gate: GateConfig) -> list[dict]:
         if not line.strip():
             continue
         case = json.loads(line)
-        answer = scorer.generate("candidate", case["prompt"], gate.max_new_tokens)
+        scorer.model.set_adapter("candidate")
+        answer = generate(scorer.model, scorer.tokenizer, [[{"role": "user", "content": case["prompt"]}]],
+                          max_new_tokens=gate.max_new_tokens)[0][0].text
         missing = [p for p in case.get("must", []) if not re.search(p, answer, re.IGNORECASE)]
         forbidden = [p for p in case.get("must_not", []) if re.search(p, answer, re.IGNORECASE)]
         if missing or forbidden:
@@ -150,10 +232,3 @@ class _Scorer:
             total += float((adapted.exp() * (adapted - base)).sum())
             tokens += adapted.shape[0]
         return total / tokens
-
-    def generate(self, adapter: str, prompt: str, max_new_tokens: int) -> str:
-        self.model.set_adapter(adapter)
-        inputs = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                    return_tensors="pt", return_dict=True).to(self.model.device)
-        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

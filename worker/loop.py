@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -32,6 +33,7 @@ from service.settings import Settings
 from worker import rollout
 from worker.data import build_training_data, count_new_feedback
 from worker.evaluate import GateConfig, evaluate
+from worker.reward import RewardModel, RewardTrainConfig, preference_rows, train_reward_model
 from worker.train import Cancelled, NoUsableData, TrainConfig, plan_stages, train_adapter
 
 log = logging.getLogger(__name__)
@@ -135,8 +137,11 @@ class Worker:
         t = self.settings.training
         since = await runs.last_data_until(self.pool)
         new = await count_new_feedback(self.pool, since)
-        last = await runs.last_finished_at(self.pool)
-        interval_due = new > 0 and (last is None or datetime.now(UTC) - last > timedelta(seconds=t.train_interval_s))
+        # The interval counts from the last run, or before any run from the oldest feedback: a first vote alone
+        # must not start a run at once.
+        last = await runs.last_finished_at(self.pool) or await self.pool.fetchval("SELECT min(created_at) FROM "
+                                                                                  "feedback")
+        interval_due = new > 0 and datetime.now(UTC) - last > timedelta(seconds=t.train_interval_s)
         if new < t.train_min_new and not interval_due:
             return None
         trigger = "threshold" if new >= t.train_min_new else "interval"
@@ -167,16 +172,21 @@ class Worker:
             out_dir = self.settings.adapter_dir / str(version)
             loop = asyncio.get_running_loop()
             report = _Reporter(self, run["id"], loop)
+            gate = GateConfig()
+            judge, judged = await asyncio.to_thread(self._train_judge, config, data, report)
+            if judge is not None and judge.trusted(gate.min_judge_accuracy) and t.best_of_k > 1:
+                judged["best_of_k"] = await asyncio.to_thread(
+                    self._best_of_k, judge, data, production["path"] if production else None, config)
             result = await asyncio.to_thread(train_adapter, config, data, self.settings.base_model, out_dir,
                                              report, self.stop_training, parent["path"] if parent else None)
             _write_lineage(out_dir, version=version, parent_version=row["parent_version"], run_id=run["id"],
                            data_until=data.data_until, config=config.as_dict(), counts=data.counts())
             # The bar to clear is what serves now: production, or the base when there is none.
             verdict = await asyncio.to_thread(evaluate, self.settings.base_model, str(out_dir),
-                                              production["path"] if production else None, data, GateConfig())
+                                              production["path"] if production else None, data, gate, judge)
             sha256, size = adapter_digest(out_dir)
             metrics = {**verdict.metrics, "gate_reasons": verdict.reasons, "stages": result.stages,
-                       "train_seconds": result.seconds}
+                       "train_seconds": result.seconds, **judged}
             status = "candidate" if verdict.passed else "rejected"
             async with self.pool.acquire() as conn, conn.transaction():
                 await registry.transition(conn, version, status, actor=self.id, reason="; ".join(verdict.reasons)
@@ -198,6 +208,41 @@ class Worker:
             await self._fail(run["id"], f"{type(exc).__name__}: {exc}", status="failed", version=version)
         finally:
             keeper.cancel()
+
+    def _train_judge(self, config: TrainConfig, data, report) -> tuple[RewardModel | None, dict]:
+        """The run's reward model from the same feedback, when there is enough of it; (judge, metrics to record).
+
+        A new version every run: the votes grow, and the judge must know what users want now.
+        """
+        t = self.settings.training
+        pairs = len(preference_rows(data, "train", RewardTrainConfig.thumb_pairs))
+        if not t.reward_min_pairs or pairs < t.reward_min_pairs:
+            return None, {"reward_model": f"not trained: {pairs} preference pairs, {t.reward_min_pairs} needed"}
+        reward_config = RewardTrainConfig(max_steps=min(config.max_steps or t.reward_max_steps, t.reward_max_steps),
+                                          seed=config.seed)
+        result = train_reward_model(reward_config, data, self.settings.base_model, self.settings.data_dir / "reward",
+                                    report, self.stop_training)
+        m = result.metrics
+        return RewardModel(result.path, self.settings.base_model), {"reward_model": {
+            "version": result.version, "heldout_accuracy": m["heldout_accuracy"], "counts": m["counts"],
+            "steps": m["steps"], "seconds": m["seconds"]}}
+
+    def _best_of_k(self, judge: RewardModel, data, production_path: str | None, config: TrainConfig) -> dict:
+        """Sample from what serves now, keep the judge's favourite per prompt as SFT rows (into ``data``)."""
+        from service.engine.weights import load_pretrained
+        from worker.sampling import best_of_k, unique_prompts
+
+        t = self.settings.training
+        started = time.monotonic()
+        model, tokenizer = load_pretrained(self.settings.base_model)
+        if production_path:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, production_path).eval()
+        prompts = unique_prompts(data.kto.train + data.dpo.train + data.sft.train, t.best_of_prompts)
+        data.best_of_k, counts = best_of_k(model, tokenizer, judge, prompts, k=t.best_of_k,
+                                           max_new_tokens=GateConfig.max_new_tokens, seed=config.seed)
+        return {**counts, "seconds": round(time.monotonic() - started, 1)}
 
     async def _start_canary(self, version: int) -> None:
         """A candidate that passed the gate meets real users: a canary at FLYWHEEL_CANARY_PERCENT."""

@@ -47,8 +47,8 @@ class RewardTrainConfig:
     batch_size: int = field(default=4, metadata={"help": "Pairs per step (twice as many sequences)."})
     max_length: int = field(default=384, metadata={"help": "Tokens per conversation; longer ones lose their "
                                                            "middle."})
-    thumb_pairs: int = field(default=2, metadata={"help": "Opposite thumbs each thumb is paired with; 0 leaves "
-                                                          "thumbs out."})
+    thumb_pairs: int = field(default=1, metadata={"help": "Opposite thumbs each thumb is paired with (1 already "
+                                                          "uses every vote); 0 leaves thumbs out."})
     center_rewards: float = field(default=0.01, metadata={"help": "Pull toward mean-zero scores (TRL's "
                                                                   "center_rewards_coefficient); 0 to disable."})
     seed: int = field(default=0, metadata={"help": "Seed for the head's init, LoRA init and data order."})
@@ -211,9 +211,12 @@ class RewardModel:
         done = versions(root)
         return cls(root / str(done[-1]), base_model) if done else None
 
-    def trusted(self, min_accuracy: float) -> bool:
-        """Whether its held-out accuracy clears ``min_accuracy`` (unmeasured never does)."""
-        return self.heldout_accuracy is not None and self.heldout_accuracy >= min_accuracy
+    def trusted(self, min_accuracy: float, min_rows: int = 8) -> bool:
+        """Whether its held-out accuracy clears ``min_accuracy`` on at least ``min_rows`` held-out pairs: a few
+        lucky pairs prove nothing (unmeasured never does)."""
+        counts = self.info.get("counts", {})
+        rows = counts.get("heldout_pairs", 0) + counts.get("heldout_thumb_pairs", 0)
+        return self.heldout_accuracy is not None and self.heldout_accuracy >= min_accuracy and rows >= min_rows
 
     def score(self, prompts: Sequence[Conversation], answers: Sequence[str]) -> list[float]:
         if len(prompts) != len(answers):

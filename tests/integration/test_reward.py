@@ -10,8 +10,10 @@ import random
 
 import pytest
 
+from worker.checks import neutral_checks
 from worker.data import Split, TrainingData
 from worker.reward import RewardModel, RewardTrainConfig, train_reward_model, versions
+from worker.sampling import best_of_k, generate, last_user_turn
 
 pytestmark = pytest.mark.slow
 
@@ -63,25 +65,34 @@ def separable(pairs: list[tuple[str, str]], seed: int) -> tuple[list[dict], list
     return dpo, kto
 
 
-def test_the_reward_model_orders_held_out_pairs_and_records_its_accuracy(default_model, tmp_path):
+@pytest.fixture(scope="module")
+def trained(default_model, tmp_path_factory):
+    """(result, data, root, progress) of one reward model trained a few steps on the separable set."""
     (train_dpo, train_kto), (heldout_dpo, heldout_kto) = separable(TRAIN, 0), separable(HELDOUT, 1)
     data = TrainingData(dpo=Split(train_dpo, heldout_dpo), kto=Split(train_kto, heldout_kto))
     config = RewardTrainConfig(max_steps=6, batch_size=4, max_length=128, learning_rate=3e-4, thumb_pairs=1)
     progress = []
-    result = train_reward_model(config, data, str(default_model), tmp_path / "reward", on_progress=progress.append)
+    root = tmp_path_factory.mktemp("reward") / "reward"
+    result = train_reward_model(config, data, str(default_model), root, on_progress=progress.append)
+    return result, data, root, progress
+
+
+def test_the_reward_model_orders_held_out_pairs_and_records_its_accuracy(default_model, trained):
+    result, data, root, progress = trained
+    heldout_dpo = data.dpo.heldout
 
     metrics = result.metrics
-    assert result.version == 1 and versions(tmp_path / "reward") == [1]
+    assert result.version == 1 and versions(root) == [1]
     assert metrics["counts"] == {"train_pairs": 16, "train_thumb_pairs": 8, "heldout_pairs": 8,
                                  "heldout_thumb_pairs": 4, "truncated": 0}
     assert metrics["steps"] == 6 and any("loss" in p for p in progress)
     assert metrics["loss_last"] < metrics["loss_first"]  # it learned the preference it optimises
     assert metrics["heldout_accuracy"] >= 0.9, metrics  # chance is 0.5
     assert metrics["heldout_margin"] > 0
-    recorded = json.loads((tmp_path / "reward" / "1.json").read_text())
+    recorded = json.loads((root / "1.json").read_text())
     assert recorded["heldout_accuracy"] == metrics["heldout_accuracy"] and recorded["version"] == 1
 
-    judge = RewardModel.latest(tmp_path / "reward", str(default_model))
+    judge = RewardModel.latest(root, str(default_model))
     assert judge is not None and judge.version == 1 and judge.trusted(0.9)
     prompts = [r["prompt"] for r in heldout_dpo]
     chosen = judge.score(prompts, [r["chosen"][0]["content"] for r in heldout_dpo])
@@ -90,3 +101,25 @@ def test_the_reward_model_orders_held_out_pairs_and_records_its_accuracy(default
     reloaded_accuracy = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(chosen)
     assert reloaded_accuracy >= 0.85, (chosen, rejected)
     assert abs(reloaded_accuracy - metrics["heldout_pair_accuracy"]) < 1e-9  # the saved model is the measured one
+
+
+def test_best_of_k_keeps_the_judges_favourite_finished_answer_per_prompt(default_model, trained):
+    from service.engine.weights import load_pretrained
+
+    result, _, _, _ = trained
+    judge = RewardModel(result.path, str(default_model))
+    model, tokenizer = load_pretrained(str(default_model))
+    prompts = [[{"role": "user", "content": q}] for q in ("What is the capital of Japan?", "How many days are in a "
+                                                          "week?", "Who wrote Hamlet?")]
+    rows, counts = best_of_k(model, tokenizer, judge, prompts, k=3, max_new_tokens=96, seed=7)
+    assert counts["prompts"] == 3 and counts["samples"] == 9 and 1 <= counts["rows"] == len(rows) <= 3
+
+    samples = generate(model, tokenizer, prompts, max_new_tokens=96, k=3, temperature=0.9, seed=7)  # the same draw
+    for row in rows:
+        i = prompts.index(row["messages"][:-1])
+        kept = row["messages"][-1]["content"]
+        usable = [a.text for a in samples[i] if a.finished and all(neutral_checks(last_user_turn(prompts[i]),
+                                                                                  a.text).values())]
+        assert kept in usable  # never a cut-off or collapsed answer
+        scores = judge.score([prompts[i]] * len(usable), usable)
+        assert scores[usable.index(kept)] == max(scores)

@@ -80,9 +80,12 @@ def test_each_algorithm_changes_the_adapter_the_way_it_optimises(algorithm, defa
             assert sum(margins) / len(margins) > 0
 
 
-def test_the_gate_passes_a_faithful_adapter_and_rejects_one_trained_on_flipped_labels(default_model, tmp_path):
-    heldout = concise_preference(["What is the capital of Spain?", "Name a vegetable.", "How many legs has a cat?"],
-                                 ["Madrid.", "A carrot.", "Four."])
+HELDOUT = (["What is the capital of Spain?", "Name a vegetable.", "How many legs has a cat?"],
+           ["Madrid.", "A carrot.", "Four."])
+
+
+def test_the_gate_ranks_a_faithful_adapter_over_one_trained_on_flipped_labels(default_model, tmp_path):
+    heldout = concise_preference(*HELDOUT)
     verdicts = {}
     for name, flip in (("faithful", False), ("flipped", True)):
         data = concise_preference(flip=flip)
@@ -90,12 +93,26 @@ def test_the_gate_passes_a_faithful_adapter_and_rejects_one_trained_on_flipped_l
         train_adapter(TrainConfig(algorithm="dpo", **TINY), data, str(default_model), tmp_path / name)
         verdicts[name] = evaluate(str(default_model), str(tmp_path / name), None, data, GateConfig())
     faithful, flipped = verdicts["faithful"], verdicts["flipped"]
-    assert faithful.passed, faithful.reasons
+    assert faithful.metrics["candidate_accuracy"] >= GateConfig().min_gain, faithful.reasons
     assert faithful.metrics["candidate_accuracy"] > flipped.metrics["candidate_accuracy"]
     assert not flipped.passed and "preference accuracy" in flipped.reasons[0]
     for verdict in verdicts.values():  # every metric is kept, whatever the verdict
-        assert {"candidate_accuracy", "production_accuracy", "kl_from_base", "heldout_pairs"} <= set(verdict.metrics)
+        assert {"candidate_accuracy", "production_accuracy", "kl_from_base", "heldout_pairs", "changed_share",
+                "neutral_candidate", "neutral_production", "examples"} <= set(verdict.metrics)
         assert 0 <= verdict.metrics["kl_from_base"] < 1
+        assert verdict.metrics["behaviour_prompts"] == 3
+
+
+def test_the_gate_rejects_an_adapter_that_learned_the_preference_but_changes_no_behaviour(default_model, tmp_path):
+    """shared/probes/learning.md's trap: preference accuracy up, answers the same. A tiny learning rate orders
+    every held-out pair right (the margins are tiny but signed) and leaves every greedy answer as it was."""
+    data = concise_preference()
+    data.dpo.heldout = concise_preference(*HELDOUT).dpo.train
+    train_adapter(TrainConfig(algorithm="dpo", learning_rate=1e-6, **TINY), data, str(default_model), tmp_path)
+    verdict = evaluate(str(default_model), str(tmp_path), None, data, GateConfig())
+    assert verdict.metrics["candidate_accuracy"] >= verdict.metrics["production_accuracy"] + GateConfig().min_gain
+    assert verdict.metrics["changed_share"] == 0
+    assert not verdict.passed and len(verdict.reasons) == 1 and verdict.reasons[0].startswith("changes no behaviour")
 
 
 def test_regression_prompts_can_veto_a_candidate(default_model, tmp_path):
@@ -113,7 +130,8 @@ def test_auto_plans_from_the_data_and_says_why_when_it_cannot():
     data = concise_preference()
     assert plan_stages(TrainConfig(algorithm="auto"), data) == ["sft", "dpo"]
     data.sft.train, data.dpo.train = [], data.dpo.train[:3]
-    assert plan_stages(TrainConfig(algorithm="auto"), data) == ["kto"]
+    assert plan_stages(TrainConfig(algorithm="auto"), data) == ["sft"]  # the approved answers
+    assert plan_stages(TrainConfig(algorithm="auto", sft_on_approved=False), data) == ["kto"]
     with pytest.raises(NoUsableData, match="no algorithm has enough data"):
         plan_stages(TrainConfig(algorithm="auto"), TrainingData())
     with pytest.raises(NoUsableData, match="dpo needs at least 1"):

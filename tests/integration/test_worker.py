@@ -96,6 +96,7 @@ async def test_enough_new_feedback_triggers_a_run_that_registers_a_gated_adapter
 async def test_a_run_without_usable_data_does_nothing_and_says_why(settings, backends):
     pool, redis = backends
     await seed_feedback(pool, prompts=3, edits=False)
+    await pool.execute("UPDATE feedback SET retracted_at = now() WHERE value = 1")  # downs only: nothing to imitate
     queued = await runs.queue(pool, algorithm="sft", params={"algorithm": "sft"}, requested_by="test")
     assert await Worker(settings, pool, redis).cycle() == queued["id"]
     run = await runs.get(pool, queued["id"])

@@ -1,0 +1,73 @@
+"""The gate's behaviour rules and what auto trains on, as pure functions: exact reasons for exact numbers."""
+
+from __future__ import annotations
+
+from worker.data import TrainingData
+from worker.evaluate import GateConfig, behaviour_reasons
+from worker.train import TrainConfig, plan_stages, sft_rows
+
+ALL_PASS = {"not_empty": 1.0, "on_topic": 1.0, "not_looping": 1.0, "finished": 1.0}
+
+
+def _metrics(**overrides) -> dict:
+    return {"behaviour_prompts": 20, "changed_share": 0.5, "neutral_candidate": dict(ALL_PASS),
+            "neutral_production": dict(ALL_PASS), **overrides}
+
+
+def test_a_candidate_that_changes_answers_without_collapse_passes():
+    assert behaviour_reasons(_metrics(), GateConfig(), "production") == []
+
+
+def test_unchanged_answers_are_refused_whatever_else_holds():
+    reasons = behaviour_reasons(_metrics(changed_share=0.05), GateConfig(), "the base")
+    assert reasons == ["changes no behaviour: its greedy answers to 20 held-out prompts differ from the base's on 5% "
+                       "(at least 10% needed)"]
+
+
+def test_a_neutral_check_falling_more_than_the_limit_is_a_collapse():
+    worse = _metrics(neutral_candidate={**ALL_PASS, "finished": 0.9, "on_topic": 0.95})
+    assert behaviour_reasons(worse, GateConfig(), "production") == []  # 10 and 5 points fewer: allowed
+    collapsed = _metrics(neutral_candidate={**ALL_PASS, "finished": 0.8, "on_topic": 0.95})
+    [reason] = behaviour_reasons(collapsed, GateConfig(), "production")
+    assert reason.startswith("collapse check 'finished' passes on 80% of its answers against 100% for production")
+
+
+def test_a_trusted_judge_must_prefer_the_candidate_by_the_margin():
+    judged = _metrics(judge_version=3, judge_accuracy=0.82, judge_win_rate=0.5)
+    [reason] = behaviour_reasons(judged, GateConfig(), "production")
+    assert "reward model (v3, held-out accuracy 0.82) prefers its answers on 50% of 20" in reason
+    assert behaviour_reasons({**judged, "judge_win_rate": 0.55}, GateConfig(), "production") == []
+    assert behaviour_reasons(_metrics(judge_version=3, judge_accuracy=0.5), GateConfig(), "production") == []
+
+
+def test_nothing_measured_gives_no_behaviour_reason():
+    assert behaviour_reasons({}, GateConfig(), "production") == []
+
+
+def _conversation(q: str, a: str) -> tuple[list[dict], list[dict]]:
+    return [{"role": "user", "content": q}], [{"role": "assistant", "content": a}]
+
+
+def test_sft_imitates_edits_approved_answers_and_best_of_k_once_each():
+    data = TrainingData()
+    prompt, answer = _conversation("Name a fruit.", "An apple.")
+    data.sft.train.append({"messages": prompt + answer})
+    data.kto.train += [{"prompt": prompt, "completion": answer, "label": True},  # the same row as the edit
+                       {"prompt": prompt, "completion": [{"role": "assistant", "content": "A pear."}], "label": True},
+                       {"prompt": prompt, "completion": [{"role": "assistant", "content": "Rocks."}], "label": False}]
+    data.best_of_k.append({"messages": prompt + [{"role": "assistant", "content": "A plum."}]})
+    answers = sorted(r["messages"][-1]["content"] for r in sft_rows(TrainConfig(), data))
+    assert answers == ["A pear.", "A plum.", "An apple."]
+    assert sorted(r["messages"][-1]["content"] for r in sft_rows(TrainConfig(sft_on_approved=False), data)) == [
+        "A plum.", "An apple."]
+
+
+def test_auto_learns_from_thumbs_by_imitating_approved_answers_and_falls_back_to_kto_without_any():
+    data = TrainingData()
+    for i in range(4):
+        prompt, good = _conversation(f"Question {i}?", "Short.")
+        data.kto.train += [{"prompt": prompt, "completion": good, "label": True},
+                           {"prompt": prompt, "completion": [{"role": "assistant", "content": "Long."}],
+                            "label": False}]
+    assert plan_stages(TrainConfig(), data) == ["sft"]
+    assert plan_stages(TrainConfig(sft_on_approved=False), data) == ["kto"]

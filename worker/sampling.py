@@ -1,0 +1,88 @@
+"""Answers generated inside the worker: greedy ones for the gate's behaviour check, sampled ones for best-of-k.
+
+Best-of-k (rejection sampling) is how thumbs alone move behaviour: most feedback is a thumb, and a few approved
+answers are little to imitate (shared/probes/learning.md). So the worker samples k answers per training prompt
+from the model being improved, lets the reward model trained on the votes pick the best, and the SFT stage learns
+those. Only finished answers that pass the no-collapse checks are candidates: imitating a truncated or looping
+answer would teach exactly that.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from worker.checks import neutral_checks
+
+Conversation = list[dict]
+
+
+@dataclass
+class Answer:
+    text: str
+    finished: bool  # ended with end-of-turn, not at the token limit
+
+
+def generate(model, tokenizer, prompts: Sequence[Conversation], *, max_new_tokens: int, k: int = 1,
+             temperature: float = 0.0, batch_size: int = 64, seed: int = 0) -> list[list[Answer]]:
+    """``k`` answers per prompt (greedy when temperature is 0); the model's current adapter writes them."""
+    import torch
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    stop_ids = {tokenizer.eos_token_id, *[t for t in [tokenizer.convert_tokens_to_ids("<|im_end|>")] if t]}
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths batch with little padding
+    out: list[list[Answer]] = [[] for _ in texts]
+    per_batch = max(1, batch_size // k)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        for start in range(0, len(order), per_batch):
+            batch = order[start:start + per_batch]
+            inputs = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
+                               add_special_tokens=False).to(model.device)
+            sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
+                dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, num_return_sequences=k,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=list(stop_ids), **sampling)
+            new = output[:, inputs["input_ids"].shape[1]:]
+            for row, ids in enumerate(new.tolist()):
+                ended = any(t in stop_ids for t in ids)
+                ids = ids[:next((j for j, t in enumerate(ids) if t in stop_ids), len(ids))]
+                out[batch[row // k]].append(Answer(tokenizer.decode(ids, skip_special_tokens=True).strip(), ended))
+    return out
+
+
+def unique_prompts(rows: Sequence[dict], limit: int) -> list[Conversation]:
+    """The distinct contexts of export rows (sft rows carry theirs in ``messages``), oldest first, at most ``limit``."""
+    seen: dict[str, Conversation] = {}
+    for row in rows:
+        prompt = row["prompt"] if "prompt" in row else row["messages"][:-1]
+        seen.setdefault(json.dumps(prompt, sort_keys=True), prompt)
+    return list(seen.values())[:limit]
+
+
+def best_of_k(model, tokenizer, judge, prompts: Sequence[Conversation], *, k: int, max_new_tokens: int,
+              temperature: float = 0.9, seed: int = 0) -> tuple[list[dict], dict]:
+    """SFT rows ``{"messages": prompt + [best answer]}`` and counts: one row per prompt with a usable sample."""
+    samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, k=k, temperature=temperature,
+                       seed=seed)
+    usable = [[a for a in answers if a.finished and all(neutral_checks(last_user_turn(p), a.text).values())]
+              for p, answers in zip(prompts, samples, strict=True)]
+    flat = [(i, a) for i, answers in enumerate(usable) for a in answers]
+    scores = judge.score([prompts[i] for i, _ in flat], [a.text for _, a in flat]) if flat else []
+    best: dict[int, tuple[float, Answer]] = {}
+    for (i, answer), score in zip(flat, scores, strict=True):
+        if i not in best or score > best[i][0]:
+            best[i] = (score, answer)
+    rows = [{"messages": [*prompts[i], {"role": "assistant", "content": answer.text}]}
+            for i, (_, answer) in sorted(best.items())]
+    return rows, {"prompts": len(prompts), "samples": sum(map(len, samples)),
+                  "usable_samples": len(flat), "rows": len(rows)}
+
+
+def last_user_turn(prompt: Conversation) -> str:
+    """The last user turn: what an on-topic answer must mention."""
+    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
