@@ -13,8 +13,8 @@ Everything goes through the real product, as people and operators use it:
 * after every round, held-out approval: greedy answers (temperature 0) from ``flywheel`` to held-out prompts no
   user asks, judged by the same hidden preference, with a Wilson 95% interval, mean words and the neutral
   no-collapse checks (on topic, not empty, not looping, finished);
-* with --reward-steps N, the reward model (worker/reward.py) is trained on all feedback so far and its scores of
-  those held-out answers are compared with the hidden preference (AUC): can it be trusted as the gate's judge?
+* the run's reward model (worker/reward.py, the gate's judge) scores those held-out answers, compared with the
+  hidden preference (AUC): does the judge agree with the users?
 
 Each (preference, edit rate) pair runs on a service of its own: the bench starts ``flywheel up --no-ui`` on a
 fresh database (``flywheel_loop_bench`` on --database-url's server) and data folder, with only the bench starting
@@ -162,30 +162,22 @@ async def measure(api: Api, judge: SimulatedUser, heldout: list[str], args: argp
                          "approved": judge.approves(p, r["answer"])} for p, r in zip(heldout, replies, strict=True)]}
 
 
-async def judge_agreement(answers: list[dict], steps: int) -> dict:
-    """Train the reward model (worker/reward.py) on all feedback so far, then ask whether it agrees with the hidden
-    preference: AUC of its scores on the held-out answers just measured, approved against disapproved."""
-    import asyncpg
-
+def judge_agreement(answers: list[dict]) -> dict:
+    """Does the run's reward model (the gate's judge) agree with the hidden preference? AUC of its scores of the
+    held-out answers just measured, approved against disapproved; {} before any reward model was trained."""
     from service.settings import Settings
-    from worker.data import build_training_data
-    from worker.reward import RewardModel, RewardTrainConfig, train_reward_model
+    from worker.reward import RewardModel
 
-    settings = Settings.from_env()
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        data = await build_training_data(conn, settings.training.heldout_fraction, settings.training.max_owner_share)
-    finally:
-        await conn.close()
-    result = await asyncio.to_thread(train_reward_model, RewardTrainConfig(max_steps=steps), data,
-                                     settings.base_model, settings.data_dir / "reward")
-    judge = RewardModel(result.path, settings.base_model)
+    settings = Settings.from_env(ENV)
+    judge = RewardModel.latest(settings.data_dir / "reward", settings.base_model)
+    if judge is None:
+        return {}
     scores = judge.score([[{"role": "user", "content": a["prompt"]}] for a in answers], [a["answer"] for a in answers])
     good = [s for s, a in zip(scores, answers, strict=True) if a["approved"]]
     bad = [s for s, a in zip(scores, answers, strict=True) if not a["approved"]]
     auc = sum((g > b) + 0.5 * (g == b) for g in good for b in bad) / (len(good) * len(bad)) if good and bad else None
-    return {"reward_version": result.version, "reward_heldout_accuracy": result.metrics["heldout_accuracy"],
-            "reward_vs_user_auc": auc, "reward_train_s": result.metrics["seconds"]}
+    return {"reward_version": judge.version, "reward_heldout_accuracy": judge.heldout_accuracy,
+            "reward_vs_user_auc": auc}
 
 
 async def train_and_roll_out(api: Api, args: argparse.Namespace) -> dict:
@@ -239,8 +231,7 @@ async def bench(args: argparse.Namespace, preference: str, edit_rate: float) -> 
                                           round_no)
         trained = await train_and_roll_out(api, args)
         rounds.append({"round": round_no, **votes, **trained, **await measure(api, judge, heldout, args)})
-        if args.reward_steps:
-            rounds[-1].update(await judge_agreement(rounds[-1]["answers"], args.reward_steps))
+        rounds[-1].update(await asyncio.to_thread(judge_agreement, rounds[-1]["answers"]))
         print(f"round {round_no}: approval {rounds[-1]['approval']:.0%}, "
               f"{trained.get('verdict') or trained.get('error')}", file=sys.stderr)
     await api.http.aclose()
@@ -251,7 +242,7 @@ async def bench(args: argparse.Namespace, preference: str, edit_rate: float) -> 
 
 def table(result: dict) -> str:
     headers = ["round", "approval", "wilson 95%", "words", "on topic", "finished", "votes up", "edits", "stages",
-               "round s", "verdict", "changed", "rm win", "rm acc", "cand acc", "prod acc", "kl"]
+               "round s", "verdict", "changed", "rm win", "rm acc", "rm auc", "cand acc", "prod acc", "kl"]
     rows = []
     for r in result["rounds"]:
         gate = r.get("gate") or {}
@@ -261,7 +252,8 @@ def table(result: dict) -> str:
                      r["neutral"]["finished"], f"{r['approved']}/{r['votes']}" if "votes" in r else None,
                      r.get("edits"), r.get("stages"), r.get("trigger_to_serving_s"),
                      r.get("verdict") or ("error" if "error" in r else None), gate.get("changed_share"),
-                     gate.get("judge_win_rate"), judge.get("heldout_accuracy"), gate.get("candidate_accuracy"),
+                     gate.get("judge_win_rate"), judge.get("heldout_accuracy"), r.get("reward_vs_user_auc"),
+                     gate.get("candidate_accuracy"),
                      gate.get("production_accuracy"), gate.get("kl_from_base")])
     return format_table(headers, rows)
 
@@ -374,8 +366,6 @@ def main() -> int:
     parser.add_argument("--algorithm", choices=["auto", "sft", "dpo", "kto"], help="default: the service's setting")
     parser.add_argument("--max-steps", type=int, help="steps per training stage (default: the worker's epochs)")
     parser.add_argument("--no-promote", action="store_true", help="leave a passing adapter to the rollout")
-    parser.add_argument("--reward-steps", type=int, default=0, help="after each round, train the reward model this "
-                        "many steps and report its agreement with the hidden preference (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON path (default: bench/results/loop-<UTC timestamp>.json)")
     args = parser.parse_args()

@@ -12,7 +12,7 @@ answer the held-out prompts greedily, as users would be served, and
 - the candidate must answer differently on at least ``min_changed`` of them (an adapter that changes nothing is
   not worth a rollout);
 - no no-collapse check (worker/checks.py: not empty, on topic, not looping, finished) may pass on more than
-  ``max_neutral_drop`` fewer of its answers than production's;
+  ``max_neutral_drop`` fewer of its answers than production's, at 95% confidence (Wilson upper bound);
 - when the run's reward model is trusted (held-out accuracy at least ``min_judge_accuracy``), it must prefer the
   candidate's answers on at least ``min_win_rate`` of the prompts (ties count half).
 Every metric is returned whatever the verdict, to be stored on the adapter row and shown to operators.
@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.feedback.stats import wilson_interval
 from worker.checks import neutral_checks, pass_rates
 from worker.data import TrainingData
 from worker.sampling import generate, last_user_turn, unique_prompts
@@ -83,7 +84,7 @@ def evaluate(base_model: str, candidate: str, production: str | None, data: Trai
             metrics["production_accuracy"] = scorer.accuracy("production", pairs, labelled) if production else 0.0
         metrics["kl_from_base"] = scorer.mean_kl("candidate")
         failures = run_regressions(scorer, gate) if gate.regression_prompts else []
-        prompts = unique_prompts(data.dpo.heldout + data.kto.heldout + data.sft.heldout, gate.behaviour_prompts)
+        prompts = unique_prompts(data.dpo.heldout + data.sft.heldout + data.kto.heldout, gate.behaviour_prompts)
         if prompts:
             metrics.update(behaviour(model, tokenizer, prompts, bool(production), gate, judge))
     metrics["regression_failures"] = failures
@@ -143,12 +144,13 @@ def behaviour_reasons(metrics: dict, gate: GateConfig, served: str) -> list[str]
     if metrics["changed_share"] < gate.min_changed:
         reasons.append(f"changes no behaviour: its greedy answers to {n} held-out prompts differ from {served}'s on "
                        f"{metrics['changed_share']:.0%} (at least {gate.min_changed:.0%} needed)")
-    drops = {k: metrics["neutral_production"][k] - v for k, v in metrics["neutral_candidate"].items()}
-    worst = max(drops, key=drops.get)
-    if drops[worst] > gate.max_neutral_drop:
-        reasons.append(f"collapse check '{worst}' passes on {metrics['neutral_candidate'][worst]:.0%} of its answers "
-                       f"against {metrics['neutral_production'][worst]:.0%} for {served} (at most "
-                       f"{gate.max_neutral_drop:.0%} fewer allowed)")
+    for check, rate in metrics["neutral_candidate"].items():
+        # A collapse is a fall we are 95% sure of: on 8 prompts one off-topic answer is noise, not a trend.
+        _, upper = wilson_interval(round(rate * n), n)
+        if upper < metrics["neutral_production"][check] - gate.max_neutral_drop:
+            reasons.append(f"collapse check '{check}' passes on {rate:.0%} of its {n} answers against "
+                           f"{metrics['neutral_production'][check]:.0%} for {served} (at most "
+                           f"{gate.max_neutral_drop:.0%} fewer allowed, 95% upper bound {upper:.0%})")
     if metrics.get("judge_win_rate") is not None and metrics["judge_win_rate"] < gate.min_win_rate:
         reasons.append(f"the reward model (v{metrics['judge_version']}, held-out accuracy "
                        f"{metrics['judge_accuracy']:.2f}) prefers its answers on {metrics['judge_win_rate']:.0%} of "

@@ -239,7 +239,8 @@ class Worker:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, production_path).eval()
-        prompts = unique_prompts(data.kto.train + data.dpo.train + data.sft.train, t.best_of_prompts)
+        # thumbs last: they come with nearly every rated answer, in time order, so the newest prompts are sampled
+        prompts = unique_prompts(data.dpo.train + data.sft.train + data.kto.train, t.best_of_prompts)
         data.best_of_k, counts = best_of_k(model, tokenizer, judge, prompts, k=t.best_of_k,
                                            max_new_tokens=GateConfig.max_new_tokens, seed=config.seed)
         return {**counts, "seconds": round(time.monotonic() - started, 1)}

@@ -56,12 +56,15 @@ def generate(model, tokenizer, prompts: Sequence[Conversation], *, max_new_token
 
 
 def unique_prompts(rows: Sequence[dict], limit: int) -> list[Conversation]:
-    """The distinct contexts of export rows (sft rows carry theirs in ``messages``), oldest first, at most ``limit``."""
+    """The distinct contexts of export rows (sft rows carry theirs in ``messages``): the last ``limit`` of them, since
+    export rows come oldest first and what users ask now matters most."""
     seen: dict[str, Conversation] = {}
     for row in rows:
         prompt = row["prompt"] if "prompt" in row else row["messages"][:-1]
-        seen.setdefault(json.dumps(prompt, sort_keys=True), prompt)
-    return list(seen.values())[:limit]
+        key = json.dumps(prompt, sort_keys=True)
+        seen.pop(key, None)  # a prompt seen again counts as recent
+        seen[key] = prompt
+    return list(seen.values())[-limit:]
 
 
 def best_of_k(model, tokenizer, judge, prompts: Sequence[Conversation], *, k: int, max_new_tokens: int,

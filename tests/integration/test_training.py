@@ -128,7 +128,8 @@ def test_regression_prompts_can_veto_a_candidate(default_model, tmp_path):
 
 def test_auto_plans_from_the_data_and_says_why_when_it_cannot():
     data = concise_preference()
-    assert plan_stages(TrainConfig(algorithm="auto"), data) == ["sft", "dpo"]
+    assert plan_stages(TrainConfig(algorithm="auto"), data) == ["sft"]
+    assert plan_stages(TrainConfig(algorithm="auto", sft_on_approved=False), TrainingData(dpo=data.dpo)) == ["dpo"]
     data.sft.train, data.dpo.train = [], data.dpo.train[:3]
     assert plan_stages(TrainConfig(algorithm="auto"), data) == ["sft"]  # the approved answers
     assert plan_stages(TrainConfig(algorithm="auto", sft_on_approved=False), data) == ["kto"]

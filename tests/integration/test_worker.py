@@ -82,6 +82,9 @@ async def test_enough_new_feedback_triggers_a_run_that_registers_a_gated_adapter
     assert verdict in ("candidate", "rejected")
     assert adapter["status"] == ("canary" if verdict == "candidate" else "rejected")  # a passing one meets users
     assert {"candidate_accuracy", "kl_from_base", "stages", "gate_reasons"} <= set(adapter["metrics"])
+    judge = adapter["metrics"]["reward_model"]  # the run trained its judge on the same votes, capped at 2 steps
+    assert judge["version"] == 1 and judge["steps"] == 2 and judge["counts"]["train_pairs"] >= 16
+    assert (Path(settings.data_dir) / "reward" / "1.json").is_file()
     assert adapter_digest(adapter["path"]) == (adapter["sha256"], adapter["size_bytes"])
     lineage = json.loads((Path(adapter["path"]) / "flywheel-lineage.json").read_text())
     assert lineage["run_id"] == run_id and lineage["parent_version"] is None and lineage["config"]["max_steps"] == 2

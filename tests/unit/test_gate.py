@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from worker.data import TrainingData
 from worker.evaluate import GateConfig, behaviour_reasons
+from worker.sampling import unique_prompts
 from worker.train import TrainConfig, plan_stages, sft_rows
 
 ALL_PASS = {"not_empty": 1.0, "on_topic": 1.0, "not_looping": 1.0, "finished": 1.0}
@@ -24,12 +25,17 @@ def test_unchanged_answers_are_refused_whatever_else_holds():
                        "(at least 10% needed)"]
 
 
-def test_a_neutral_check_falling_more_than_the_limit_is_a_collapse():
-    worse = _metrics(neutral_candidate={**ALL_PASS, "finished": 0.9, "on_topic": 0.95})
-    assert behaviour_reasons(worse, GateConfig(), "production") == []  # 10 and 5 points fewer: allowed
-    collapsed = _metrics(neutral_candidate={**ALL_PASS, "finished": 0.8, "on_topic": 0.95})
-    [reason] = behaviour_reasons(collapsed, GateConfig(), "production")
-    assert reason.startswith("collapse check 'finished' passes on 80% of its answers against 100% for production")
+def test_a_collapse_is_a_fall_beyond_the_limit_at_95_percent_confidence():
+    one_miss = _metrics(behaviour_prompts=8, neutral_candidate={**ALL_PASS, "on_topic": 7 / 8})
+    assert behaviour_reasons(one_miss, GateConfig(), "production") == []  # 1 of 8: noise
+    three_misses = _metrics(behaviour_prompts=8, neutral_candidate={**ALL_PASS, "on_topic": 5 / 8})
+    [reason] = behaviour_reasons(three_misses, GateConfig(), "production")
+    assert reason.startswith("collapse check 'on_topic' passes on 62% of its 8 answers against 100% for production")
+    assert "95% upper bound 86%" in reason
+    many = _metrics(behaviour_prompts=100, neutral_candidate={**ALL_PASS, "finished": 0.8})
+    assert "'finished' passes on 80% of its 100 answers" in behaviour_reasons(many, GateConfig(), "production")[0]
+    assert behaviour_reasons(_metrics(behaviour_prompts=100, neutral_candidate={**ALL_PASS, "finished": 0.86}),
+                             GateConfig(), "production") == []
 
 
 def test_a_trusted_judge_must_prefer_the_candidate_by_the_margin():
@@ -71,3 +77,14 @@ def test_auto_learns_from_thumbs_by_imitating_approved_answers_and_falls_back_to
                             "label": False}]
     assert plan_stages(TrainConfig(), data) == ["sft"]
     assert plan_stages(TrainConfig(sft_on_approved=False), data) == ["kto"]
+
+
+def test_best_of_k_and_the_gate_take_the_newest_distinct_prompts():
+    def row(q):
+        prompt, answer = _conversation(q, "A.")
+        return {"prompt": prompt, "completion": answer, "label": True}
+
+    rows = [row("one?"), row("two?"), row("one?"), row("three?"),
+            {"messages": _conversation("four?", "A.")[0] + _conversation("four?", "A.")[1]}]
+    assert [p[0]["content"] for p in unique_prompts(rows, 3)] == ["one?", "three?", "four?"]
+    assert [p[0]["content"] for p in unique_prompts(rows, 10)] == ["two?", "one?", "three?", "four?"]
