@@ -5,7 +5,10 @@
   --max-tokens tokens; tokens/s per scenario and the ratios 16 vs 1 and 4 adapters vs 1;
 * training: ``worker.train.train_adapter`` for SFT, DPO and KTO, --steps steps each on small synthetic datasets, in
   bfloat16 (mixed precision) and in float32 on the same GPU; seconds per step, the loss moved, and the saved
-  adapter loads into the CUDA engine and answers.
+  adapter loads into the CUDA engine and answers;
+* worker: the run's reward model (``worker.reward``) trained and loaded on the GPU, best-of-k sampling and the
+  gate's behaviour check (``worker.evaluate``, greedy answers of candidate and base, judged) on CUDA: seconds and
+  the devices used. With random weights the numbers check the code path, not what is learned.
 
 The model is --model, a local folder. Where its weights cannot be brought (a machine with no hub, a size limit on
 what travels), --random-init builds the same architecture from the folder's config and tokenizer with random
@@ -159,6 +162,34 @@ async def trained_adapter_answers(model_dir: Path, adapter: Path) -> str:
         await engine.stop()
 
 
+def worker_bench(model_dir: Path, adapter: Path, steps: int, scratch: Path) -> dict:
+    from service.engine.weights import load_pretrained
+    from worker.evaluate import GateConfig, evaluate
+    from worker.reward import RewardModel, RewardTrainConfig, train_reward_model
+    from worker.sampling import best_of_k, device
+
+    data = synthetic_data(48)
+    for split in (data.dpo, data.kto, data.sft):
+        split.heldout, split.train = split.train[:16], split.train[16:]
+    started = time.perf_counter()
+    result = train_reward_model(RewardTrainConfig(max_steps=steps), data, str(model_dir), scratch / "reward")
+    reward_s = time.perf_counter() - started
+    judge = RewardModel(result.path, str(model_dir))
+    model, tokenizer = load_pretrained(str(model_dir), device=device())
+    prompts = [r["prompt"] for r in data.dpo.train[:16]]
+    started = time.perf_counter()
+    rows, counts = best_of_k(model, tokenizer, judge, prompts, k=4, max_new_tokens=64)
+    best_of_k_s = time.perf_counter() - started
+    started = time.perf_counter()
+    verdict = evaluate(str(model_dir), str(adapter), None, data, GateConfig(max_new_tokens=64), judge)
+    return {"device": device(), "judge_device": str(judge._scorer.model.device), "reward_s": reward_s,
+            "reward_steps": result.metrics["steps"], "reward_heldout_accuracy": result.metrics["heldout_accuracy"],
+            "best_of_k_s": best_of_k_s, "best_of_k": counts, "gate_s": time.perf_counter() - started,
+            "gate_metrics": {k: verdict.metrics.get(k) for k in ("behaviour_prompts", "changed_share",
+                                                                 "judge_win_rate", "candidate_accuracy")},
+            "gate_reasons": verdict.reasons}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="a local transformers folder")
@@ -166,6 +197,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8, help="training steps per algorithm and dtype")
+    parser.add_argument("--parts", nargs="+", choices=["engine", "training", "worker"],
+                        default=["engine", "training", "worker"])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -175,26 +208,36 @@ def main() -> None:
     model_dir = random_model(args.model, scratch / "model") if args.random_init else args.model
     adapters = random_adapters(model_dir, scratch / "adapters", 4)
 
-    serving = asyncio.run(engine_bench(model_dir, adapters, args.clients, args.max_tokens))
-    print(f"engine on {serving['gpu']}: {serving['device']} {serving['dtype']}, "
-          f"peak {serving['peak_memory_gib']:.2f} GiB")
-    print(format_table(["scenario", "requests", "tokens", "wall s", "tokens/s"],
-                       [[k, *v.values()] for k, v in serving["scenarios"].items()]))
-    print(f"ratio {args.clients} streams / 1: {serving['ratio_concurrent_over_single']:.2f}   "
-          f"4 adapters / 1: {serving['ratio_4_adapters_over_1']:.2f}\n")
-
-    training = training_bench(model_dir, args.steps, scratch)
-    print(format_table(["algorithm", "dtype", "steps", "s/step", "loss first", "loss last", "peak GiB"],
-                       [[r["algorithm"], r["dtype"], r["steps"], r["s_per_step"], r["loss_first"], r["loss_last"],
-                         r["peak_memory_gib"]] for r in training]))
-    answer = asyncio.run(trained_adapter_answers(model_dir, Path(training[0]["adapter"])))
-    print(f"\nthe bf16-trained SFT adapter loads into the CUDA engine and answers {len(answer)} characters")
+    serving, training, answer, worker = None, [], "", None
+    if "engine" in args.parts:
+        serving = asyncio.run(engine_bench(model_dir, adapters, args.clients, args.max_tokens))
+        print(f"engine on {serving['gpu']}: {serving['device']} {serving['dtype']}, "
+              f"peak {serving['peak_memory_gib']:.2f} GiB")
+        print(format_table(["scenario", "requests", "tokens", "wall s", "tokens/s"],
+                           [[k, *v.values()] for k, v in serving["scenarios"].items()]))
+        print(f"ratio {args.clients} streams / 1: {serving['ratio_concurrent_over_single']:.2f}   "
+              f"4 adapters / 1: {serving['ratio_4_adapters_over_1']:.2f}\n")
+    if "training" in args.parts:
+        training = training_bench(model_dir, args.steps, scratch)
+        print(format_table(["algorithm", "dtype", "steps", "s/step", "loss first", "loss last", "peak GiB"],
+                           [[r["algorithm"], r["dtype"], r["steps"], r["s_per_step"], r["loss_first"],
+                             r["loss_last"], r["peak_memory_gib"]] for r in training]))
+        answer = asyncio.run(trained_adapter_answers(model_dir, Path(training[0]["adapter"])))
+        print(f"\nthe bf16-trained SFT adapter loads into the CUDA engine and answers {len(answer)} characters")
+    if "worker" in args.parts:
+        worker = worker_bench(model_dir, adapters[0], args.steps, scratch)
+        print(format_table(["worker step", "seconds"], [["reward model", worker["reward_s"]],
+                                                       ["best-of-k", worker["best_of_k_s"]],
+                                                       ["gate", worker["gate_s"]]]))
+        print(f"devices: generation {worker['device']}, judge {worker['judge_device']}; best-of-k "
+              f"{worker['best_of_k']}; gate {worker['gate_metrics']}")
 
     out = args.out or RESULTS_DIR / f"gpu-{created:%Y%m%dT%H%M%SZ}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"created_utc": created.isoformat(), "random_init": args.random_init,
                                "torch": torch.__version__, "serving": serving, "training": training,
-                               "trained_adapter_answer_chars": len(answer)}, indent=2, default=str) + "\n")
+                               "trained_adapter_answer_chars": len(answer), "worker": worker}, indent=2,
+                              default=str) + "\n")
     print(f"wrote {out}")
 
 

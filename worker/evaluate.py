@@ -28,7 +28,7 @@ from pathlib import Path
 from service.feedback.stats import wilson_interval
 from worker.checks import neutral_checks, pass_rates
 from worker.data import TrainingData
-from worker.sampling import generate, last_user_turn, unique_prompts
+from worker.sampling import device, generate, last_user_turn, unique_prompts
 
 # Fixed everyday prompts with plain reference answers: drift is measured on the same text for every candidate.
 KL_PROMPTS = [
@@ -69,7 +69,7 @@ def evaluate(base_model: str, candidate: str, production: str | None, data: Trai
 
     from service.engine.weights import load_pretrained
 
-    model, tokenizer = load_pretrained(base_model)
+    model, tokenizer = load_pretrained(base_model, device=device())
     model = PeftModel.from_pretrained(model, candidate, adapter_name="candidate")
     if production:
         model.load_adapter(production, adapter_name="production")

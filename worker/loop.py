@@ -230,11 +230,11 @@ class Worker:
     def _best_of_k(self, judge: RewardModel, data, production_path: str | None, config: TrainConfig) -> dict:
         """Sample from what serves now, keep the judge's favourite per prompt as SFT rows (into ``data``)."""
         from service.engine.weights import load_pretrained
-        from worker.sampling import best_of_k, unique_prompts
+        from worker.sampling import best_of_k, device, unique_prompts
 
         t = self.settings.training
         started = time.monotonic()
-        model, tokenizer = load_pretrained(self.settings.base_model)
+        model, tokenizer = load_pretrained(self.settings.base_model, device=device())
         if production_path:
             from peft import PeftModel
 

@@ -203,7 +203,10 @@ class RewardModel:
         model, tokenizer = _load_classifier(base_model or self.info["base_model"])
         model = PeftModel.from_pretrained(model, str(self.path), local_files_only=True)
         self.batch_size = batch_size
-        self._scorer = _Scorer(model.merge_and_unload().eval(), tokenizer, self.info["config"]["max_length"])
+        from worker.sampling import device
+
+        self._scorer = _Scorer(model.merge_and_unload().to(device()).eval(), tokenizer,
+                               self.info["config"]["max_length"])
 
     @classmethod
     def latest(cls, root: Path, base_model: str | None = None) -> RewardModel | None:

@@ -24,6 +24,13 @@ class Answer:
     finished: bool  # ended with end-of-turn, not at the token limit
 
 
+def device() -> str:
+    """Where the worker's own generation and scoring run: the GPU when there is one (the trainers pick it too)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def generate(model, tokenizer, prompts: Sequence[Conversation], *, max_new_tokens: int, k: int = 1,
              temperature: float = 0.0, batch_size: int = 64, seed: int = 0) -> list[list[Answer]]:
     """``k`` answers per prompt (greedy when temperature is 0); the model's current adapter writes them."""
