@@ -36,7 +36,6 @@ class TrainingData:
         out = {f"{fmt}_{part}": len(getattr(getattr(self, fmt), part)) for fmt in FORMATS
                for part in ("train", "heldout")}
         out["dropped_by_owner_cap"] = self.dropped_by_owner_cap
-        out["best_of_k"] = len(self.best_of_k)
         return out
 
     @property

@@ -50,8 +50,13 @@ class GateConfig:
     behaviour_prompts: int = 32  # held-out prompts answered by candidate and production
     min_changed: float = 0.1  # share of those answers the candidate must change
     max_neutral_drop: float = 0.1  # largest fall in any no-collapse check's pass rate
-    min_judge_accuracy: float = 0.7  # held-out accuracy that makes the reward model a judge
+    min_judge_accuracy: float = 0.7  # held-out accuracy that makes the reward model a judge...
+    min_judge_rows: int = 8  # ...measured on at least this many held-out pairs
     min_win_rate: float = 0.55  # share of prompts where the judge must prefer the candidate (ties half)
+
+    def trusts(self, judge) -> bool:
+        """Whether the run's reward model may judge (and pick best-of-k answers)."""
+        return judge is not None and judge.trusted(self.min_judge_accuracy, self.min_judge_rows)
 
 
 @dataclass
@@ -105,14 +110,17 @@ def evaluate(base_model: str, candidate: str, production: str | None, data: Trai
 
 def behaviour(model, tokenizer, prompts: list[list[dict]], has_production: bool, gate: GateConfig, judge) -> dict:
     """Greedy answers of candidate and production (or the base) to ``prompts``, compared."""
+    def greedy():
+        return [a[0] for a in generate(model, tokenizer, prompts, max_new_tokens=gate.max_new_tokens)]
+
     model.set_adapter("candidate")
-    candidate = [a[0] for a in generate(model, tokenizer, prompts, max_new_tokens=gate.max_new_tokens)]
+    candidate = greedy()
     if has_production:
         model.set_adapter("production")
-        served = [a[0] for a in generate(model, tokenizer, prompts, max_new_tokens=gate.max_new_tokens)]
+        served = greedy()
     else:
         with model.disable_adapter():
-            served = [a[0] for a in generate(model, tokenizer, prompts, max_new_tokens=gate.max_new_tokens)]
+            served = greedy()
     questions = [last_user_turn(p) for p in prompts]
     checked = {name: pass_rates([neutral_checks(q, a.text, a.finished) for q, a in zip(questions, answers,
                                                                                          strict=True)])
@@ -126,7 +134,7 @@ def behaviour(model, tokenizer, prompts: list[list[dict]], has_production: bool,
                         for q, c, s in list(zip(questions, candidate, served, strict=True))[:3]]}
     if judge is not None:
         out.update(judge_version=judge.version, judge_accuracy=judge.heldout_accuracy)
-        if judge.trusted(gate.min_judge_accuracy):
+        if gate.trusts(judge):
             ours = judge.score(prompts, [a.text for a in candidate])
             theirs = judge.score(prompts, [a.text for a in served])
             wins = sum((o > t) + 0.5 * (o == t) for o, t in zip(ours, theirs, strict=True))
@@ -163,14 +171,13 @@ def _mean_words(answers) -> float:
 
 
 def run_regressions(scorer: _Scorer, gate: GateConfig) -> list[dict]:
+    cases = [json.loads(line) for line in Path(gate.regression_prompts).read_text().splitlines() if line.strip()]
+    scorer.model.set_adapter("candidate")
+    answers = generate(scorer.model, scorer.tokenizer, [[{"role": "user", "content": c["prompt"]}] for c in cases],
+                       max_new_tokens=gate.max_new_tokens)
     failures = []
-    for line in Path(gate.regression_prompts).read_text().splitlines():
-        if not line.strip():
-            continue
-        case = json.loads(line)
-        scorer.model.set_adapter("candidate")
-        answer = generate(scorer.model, scorer.tokenizer, [[{"role": "user", "content": case["prompt"]}]],
-                          max_new_tokens=gate.max_new_tokens)[0][0].text
+    for case, [generated] in zip(cases, answers, strict=True):
+        answer = generated.text
         missing = [p for p in case.get("must", []) if not re.search(p, answer, re.IGNORECASE)]
         forbidden = [p for p in case.get("must_not", []) if re.search(p, answer, re.IGNORECASE)]
         if missing or forbidden:

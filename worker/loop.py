@@ -174,7 +174,7 @@ class Worker:
             report = _Reporter(self, run["id"], loop)
             gate = GateConfig()
             judge, judged = await asyncio.to_thread(self._train_judge, config, data, report)
-            if judge is not None and judge.trusted(gate.min_judge_accuracy) and t.best_of_k > 1:
+            if gate.trusts(judge) and t.best_of_k > 1:
                 judged["best_of_k"] = await asyncio.to_thread(
                     self._best_of_k, judge, data, production["path"] if production else None, config)
             result = await asyncio.to_thread(train_adapter, config, data, self.settings.base_model, out_dir,

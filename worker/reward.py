@@ -214,7 +214,7 @@ class RewardModel:
         done = versions(root)
         return cls(root / str(done[-1]), base_model) if done else None
 
-    def trusted(self, min_accuracy: float, min_rows: int = 8) -> bool:
+    def trusted(self, min_accuracy: float, min_rows: int) -> bool:
         """Whether its held-out accuracy clears ``min_accuracy`` on at least ``min_rows`` held-out pairs: a few
         lucky pairs prove nothing (unmeasured never does)."""
         counts = self.info.get("counts", {})

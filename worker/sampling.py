@@ -36,10 +36,12 @@ def generate(model, tokenizer, prompts: Sequence[Conversation], *, max_new_token
     """``k`` answers per prompt (greedy when temperature is 0); the model's current adapter writes them."""
     import torch
 
+    from service.engine.weights import stop_token_ids
+
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    stop_ids = {tokenizer.eos_token_id, *[t for t in [tokenizer.convert_tokens_to_ids("<|im_end|>")] if t]}
+    stop_ids = stop_token_ids(model, tokenizer)
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths batch with little padding
     out: list[list[Answer]] = [[] for _ in texts]

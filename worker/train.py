@@ -111,18 +111,14 @@ def plan_stages(config: TrainConfig, data: TrainingData) -> list[str]:
     # after SFT pushed a 64-vote round past 10 minutes on a 2-core CPU (bench/loop.py), and DPO alone barely moved
     # answers in shared/probes/learning.md: ask for it explicitly.
     if sft:
-        stages = ["sft"]
-    elif dpo >= config.min_dpo_pairs:
-        stages = ["dpo"]
-    elif kto >= config.min_kto_rows and len({row["label"] for row in data.kto.train}) == 2:
-        stages = ["kto"]
-    else:
-        stages = []
-    if not stages:
-        raise NoUsableData(f"no algorithm has enough data: {sft} answers to imitate (edits, approved answers), "
-                           f"{dpo} pairs (DPO needs {config.min_dpo_pairs}), {kto} thumbs (KTO needs "
-                           f"{config.min_kto_rows}, both labels)")
-    return stages
+        return ["sft"]
+    if dpo >= config.min_dpo_pairs:
+        return ["dpo"]
+    if kto >= config.min_kto_rows and len({row["label"] for row in data.kto.train}) == 2:
+        return ["kto"]
+    raise NoUsableData(f"no algorithm has enough data: {sft} answers to imitate (edits, approved answers), "
+                       f"{dpo} pairs (DPO needs {config.min_dpo_pairs}), {kto} thumbs (KTO needs "
+                       f"{config.min_kto_rows}, both labels)")
 
 
 @dataclass

@@ -33,7 +33,7 @@ from service.engine.base import (
 )
 from service.engine.batch import KVBatch, prefill_inputs
 from service.engine.sequence import Sequence, sample
-from service.engine.weights import load_pretrained
+from service.engine.weights import load_pretrained, stop_token_ids
 
 log = logging.getLogger(__name__)
 # transformers 5.24 renames past_key_values to cache; the old name keeps vLLM's pinned transformers (<5.21) working.
@@ -71,8 +71,7 @@ class LocalEngine:
         self.model, self.tokenizer = await asyncio.to_thread(load_pretrained, self.model_name, self.device,
                                                              self.dtype)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
-        eos = self.model.generation_config.eos_token_id
-        self._eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        self._eos_ids = stop_token_ids(self.model, self.tokenizer)
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self._eos_ids)
         self._thread = threading.Thread(target=self._run, name="flywheel-engine", daemon=True)
         self._thread.start()

@@ -166,6 +166,12 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """Token ids that end an answer: the generation config's end-of-sequence ids and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    return {t for t in (eos if isinstance(eos, list) else [eos]) if t is not None} | {tokenizer.eos_token_id}
+
+
 def load_pretrained(path: str, device: str = "cpu", dtype: str = "float32"):
     """(model, tokenizer) from a local folder or hub id, in eval mode, tokenizer padded on the left for batching."""
     import torch
