@@ -50,7 +50,8 @@ class TrainConfig:
                                             metadata={"help": "Modules that get a LoRA."})
     learning_rate: float | None = field(default=None, metadata={"help": "None: 3e-4 for SFT, 5e-5 for DPO/KTO."})
     epochs: float = field(default=3.0, metadata={"help": "Passes over the training data."})
-    max_steps: int | None = field(default=None, metadata={"help": "Steps per stage; overrides epochs when set."})
+    max_steps: int | None = field(default=None, metadata={"help": "Steps per stage; overrides epochs and "
+                                                                    "min_steps when set."})
     min_steps: int = field(default=40, metadata={"help": "Steps per stage at least (within max_epochs): a round of "
                                                          "a few edits still gets enough updates to move answers."})
     max_epochs: float = field(default=8.0, metadata={"help": "Passes min_steps may stretch to: a handful of rows "
@@ -93,7 +94,7 @@ class TrainConfig:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def steps(self, rows: int, per_step: int | None = None) -> int:
+    def steps(self, rows: int, batch_size: int) -> int:
         """Optimizer steps for a stage of ``rows`` rows: ``epochs`` passes, stretched toward ``min_steps``.
 
         What a small round lacks is updates, not rows: on a 64-vote round with 30% edits (bench/loop.py, concise
@@ -102,7 +103,7 @@ class TrainConfig:
         """
         if self.max_steps:
             return self.max_steps
-        per_epoch = math.ceil(rows / (per_step or self.batch_size))
+        per_epoch = math.ceil(rows / batch_size)
         return max(math.ceil(per_epoch * self.epochs), min(self.min_steps, math.floor(per_epoch * self.max_epochs)))
 
 

@@ -80,12 +80,12 @@ def test_auto_learns_from_thumbs_by_imitating_approved_answers_and_falls_back_to
 
 
 def test_a_small_round_gets_min_steps_within_max_epochs_and_a_large_one_its_epochs():
-    config = TrainConfig(epochs=3, min_steps=64, max_epochs=8, batch_size=4)  # not the defaults: the rule
-    assert config.steps(34) == 64  # 9 batches: 3 epochs would be 27 steps
-    assert config.steps(3) == 8  # one batch: 64 steps would memorise three answers; 8 epochs at most
-    assert config.steps(100) == 75  # 25 batches x 3 epochs is already past min_steps
-    assert config.steps(7, per_step=2) == 32  # KTO's own batch size counts
-    assert TrainConfig(max_steps=5).steps(1000) == 5  # max_steps decides alone
+    config = TrainConfig(epochs=3, min_steps=64, max_epochs=8)  # not the defaults: the rule
+    assert config.steps(34, 4) == 64  # 9 batches: 3 epochs would be 27 steps
+    assert config.steps(3, 4) == 8  # one batch: 64 steps would memorise three answers; 8 epochs at most
+    assert config.steps(100, 4) == 75  # 25 batches x 3 epochs is already past min_steps
+    assert config.steps(7, 2) == 32  # KTO's own batch size counts
+    assert TrainConfig(max_steps=5).steps(1000, 4) == 5  # max_steps decides alone
 
 
 def test_best_of_k_and_the_gate_take_the_newest_distinct_prompts():
