@@ -118,6 +118,11 @@ class TrainingSettings(msgspec.Struct, frozen=True, kw_only=True):
                   "SFT target (rejection sampling). 0 or 1: off.", ge=0, le=16)
     ] = 4
     best_of_prompts: Annotated[int, _doc("Training prompts sampled for best-of-k per run.", ge=1)] = 32
+    gate_prompts: Annotated[
+        str | None, _doc("JSONL of everyday prompts every candidate and production answer at the gate, each "
+                         '{"prompt": ..., "must": [regex], "must_not": [regex]} (rules optional). Unset: the 32 '
+                         "shipped with the worker.")
+    ] = None
 
 
 class RolloutSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -210,6 +215,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         ):
             if url is not None and url.split("://", 1)[0] not in schemes:
                 raise SettingsError(name, f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        if self.training.gate_prompts is not None:
+            from worker.evaluate import load_gate_prompts  # the one parser of the file
+
+            try:
+                load_gate_prompts(Path(self.training.gate_prompts).expanduser())
+            except (OSError, ValueError) as exc:
+                raise SettingsError("FLYWHEEL_GATE_PROMPTS", str(exc)) from None
 
     # Derived values: one place that decides the defaults that depend on other settings.
     @property

@@ -3,18 +3,20 @@
 On the held-out split (prompts no training row saw) it measures preference accuracy: the share of pairs where the
 adapter's log-likelihood margin against the base ranks the chosen answer over the rejected one (and, for thumbs,
 where the margin's sign matches the label). It compares that with production's (or the base's, which scores 0:
-its margin against itself is nil), measures drift from the base as the mean per-token KL on fixed prompts, and runs
-the operators' regression prompts.
+its margin against itself is nil) and measures drift from the base as the mean per-token KL on fixed prompts.
 
 Preference accuracy alone does not prove behaviour changed: DPO reached accuracy 1.0 on the default model while its
 answers barely moved (shared/probes/learning.md). So the gate also looks at behaviour: candidate and production
-answer the held-out prompts greedily, as users would be served, and
+answer prompts greedily, as users would be served: the held-out prompts users asked, plus a fixed set of everyday
+prompts (``gate_prompts``). A 64-vote round holds out only 8-12 prompts, too few to see a drift off topic that the
+benchmark saw on 48 (bench/loop.py); the fixed set makes every check count at least 32 answers. Then
 - the candidate must answer differently on at least ``min_changed`` of them (an adapter that changes nothing is
   not worth a rollout);
 - no no-collapse check (worker/checks.py: not empty, on topic, not looping, finished) may pass on more than
-  ``max_neutral_drop`` fewer of its answers than production's, at 95% confidence (Wilson upper bound);
+  ``max_neutral_drop`` fewer of its answers than production's;
 - when the run's reward model is trusted (held-out accuracy at least ``min_judge_accuracy``), it must prefer the
-  candidate's answers on at least ``min_win_rate`` of the prompts (ties count half).
+  candidate's answers on at least ``min_win_rate`` of the prompts (ties count half);
+- the candidate's answers to the fixed prompts must keep the operators' rules (``must`` / ``must_not`` regexes).
 Every metric is returned whatever the verdict, to be stored on the adapter row and shown to operators.
 """
 
@@ -25,7 +27,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.feedback.stats import wilson_interval
 from worker.checks import neutral_checks, pass_rates
 from worker.data import TrainingData
 from worker.sampling import device, generate, last_user_turn, unique_prompts
@@ -41,13 +42,19 @@ KL_PROMPTS = [
 ]
 
 
+# Everyday prompts no benchmark user asks (bench/prompts.txt shares no topic with them). Operators replace the file
+# (FLYWHEEL_GATE_PROMPTS) to add their own prompts and rules: one JSON object per line,
+# {"prompt": str, "must": [regex], "must_not": [regex]}, the rules optional.
+GATE_PROMPTS = Path(__file__).resolve().parent / "gate_prompts.jsonl"
+
+
 @dataclass
 class GateConfig:
     min_gain: float = 0.02  # preference accuracy the candidate must add over production
     max_kl: float = 1.0  # mean per-token KL from the base on KL_PROMPTS, in nats
-    regression_prompts: Path | None = None  # JSONL: {"prompt": str, "must": [regex], "must_not": [regex]}
+    gate_prompts: Path | None = GATE_PROMPTS  # fixed prompts answered by both, with optional rules; None: none
     max_new_tokens: int = 128  # per greedy answer: enough for an everyday answer to finish
-    behaviour_prompts: int = 32  # held-out prompts answered by candidate and production
+    behaviour_prompts: int = 32  # held-out prompts answered by candidate and production (besides gate_prompts)
     min_changed: float = 0.1  # share of those answers the candidate must change
     max_neutral_drop: float = 0.1  # largest fall in any no-collapse check's pass rate
     min_judge_accuracy: float = 0.7  # held-out accuracy that makes the reward model a judge...
@@ -88,11 +95,15 @@ def evaluate(base_model: str, candidate: str, production: str | None, data: Trai
             metrics["candidate_accuracy"] = scorer.accuracy("candidate", pairs, labelled)
             metrics["production_accuracy"] = scorer.accuracy("production", pairs, labelled) if production else 0.0
         metrics["kl_from_base"] = scorer.mean_kl("candidate")
-        failures = run_regressions(scorer, gate) if gate.regression_prompts else []
-        prompts = unique_prompts(data.dpo.heldout + data.sft.heldout + data.kto.heldout, gate.behaviour_prompts)
+        heldout = unique_prompts(data.dpo.heldout + data.sft.heldout + data.kto.heldout, gate.behaviour_prompts)
+        cases = load_gate_prompts(gate.gate_prompts) if gate.gate_prompts else []
+        prompts = heldout + [[{"role": "user", "content": c["prompt"]}] for c in cases]
+        failures = []
         if prompts:
-            metrics.update(behaviour(model, tokenizer, prompts, bool(production), gate, judge))
-    metrics["regression_failures"] = failures
+            measured, answers = behaviour(model, tokenizer, prompts, bool(production), gate, judge)
+            metrics.update(measured, heldout_behaviour_prompts=len(heldout))
+            failures = rule_failures(cases, answers[len(heldout):])
+    metrics["rule_failures"] = failures
     reasons = []
     if not (pairs or labelled):
         reasons.append("no held-out feedback to measure the candidate on")
@@ -103,13 +114,14 @@ def evaluate(base_model: str, candidate: str, production: str | None, data: Trai
     if metrics["kl_from_base"] > gate.max_kl:
         reasons.append(f"drifts {metrics['kl_from_base']:.3f} nats/token from the base (max {gate.max_kl})")
     if failures:
-        reasons.append(f"{len(failures)} regression prompt(s) failed")
+        reasons.append(f"{len(failures)} gate prompt(s) broke their rules")
     reasons += behaviour_reasons(metrics, gate, "production" if production else "the base")
     return Verdict(not reasons, reasons, metrics)
 
 
-def behaviour(model, tokenizer, prompts: list[list[dict]], has_production: bool, gate: GateConfig, judge) -> dict:
-    """Greedy answers of candidate and production (or the base) to ``prompts``, compared."""
+def behaviour(model, tokenizer, prompts: list[list[dict]], has_production: bool, gate: GateConfig,
+              judge) -> tuple[dict, list]:
+    """Greedy answers of candidate and production (or the base) to ``prompts``, compared; (metrics, candidate's)."""
     def greedy():
         return [a[0] for a in generate(model, tokenizer, prompts, max_new_tokens=gate.max_new_tokens)]
 
@@ -140,7 +152,7 @@ def behaviour(model, tokenizer, prompts: list[list[dict]], has_production: bool,
             wins = sum((o > t) + 0.5 * (o == t) for o, t in zip(ours, theirs, strict=True))
             out["judge_win_rate"] = round(wins / len(prompts), 4)
             out["judge_margin"] = round(sum(o - t for o, t in zip(ours, theirs, strict=True)) / len(prompts), 4)
-    return out
+    return out, candidate
 
 
 def behaviour_reasons(metrics: dict, gate: GateConfig, served: str) -> list[str]:
@@ -153,12 +165,12 @@ def behaviour_reasons(metrics: dict, gate: GateConfig, served: str) -> list[str]
         reasons.append(f"changes no behaviour: its greedy answers to {n} held-out prompts differ from {served}'s on "
                        f"{metrics['changed_share']:.0%} (at least {gate.min_changed:.0%} needed)")
     for check, rate in metrics["neutral_candidate"].items():
-        # A collapse is a fall we are 95% sure of: on 8 prompts one off-topic answer is noise, not a trend.
-        _, upper = wilson_interval(round(rate * n), n)
-        if upper < metrics["neutral_production"][check] - gate.max_neutral_drop:
+        # Counted on the gate prompts too (32 by default), one odd answer is 3 points: a fall beyond the limit is
+        # a trend, the one bench/loop.py counts as a collapse.
+        if metrics["neutral_production"][check] - rate > gate.max_neutral_drop + 1e-9:
             reasons.append(f"collapse check '{check}' passes on {rate:.0%} of its {n} answers against "
                            f"{metrics['neutral_production'][check]:.0%} for {served} (at most "
-                           f"{gate.max_neutral_drop:.0%} fewer allowed, 95% upper bound {upper:.0%})")
+                           f"{gate.max_neutral_drop:.0%} fewer allowed)")
     if metrics.get("judge_win_rate") is not None and metrics["judge_win_rate"] < gate.min_win_rate:
         reasons.append(f"the reward model (v{metrics['judge_version']}, held-out accuracy "
                        f"{metrics['judge_accuracy']:.2f}) prefers its answers on {metrics['judge_win_rate']:.0%} of "
@@ -170,13 +182,29 @@ def _mean_words(answers) -> float:
     return round(sum(len(a.text.split()) for a in answers) / len(answers), 1)
 
 
-def run_regressions(scorer: _Scorer, gate: GateConfig) -> list[dict]:
-    cases = [json.loads(line) for line in Path(gate.regression_prompts).read_text().splitlines() if line.strip()]
-    scorer.model.set_adapter("candidate")
-    answers = generate(scorer.model, scorer.tokenizer, [[{"role": "user", "content": c["prompt"]}] for c in cases],
-                       max_new_tokens=gate.max_new_tokens)
+def load_gate_prompts(path: Path) -> list[dict]:
+    """The gate prompts file's cases; ValueError naming the line when one is not a case."""
+    cases = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            case = json.loads(line)
+            ok = isinstance(case, dict) and isinstance(case.get("prompt"), str) and case["prompt"].strip() and all(
+                isinstance(case.get(k, []), list) and all(re.compile(p) for p in case.get(k, []))
+                for k in ("must", "must_not"))
+        except (ValueError, TypeError, re.error) as exc:
+            raise ValueError(f"{path}:{number}: {exc}") from exc
+        if not ok:
+            raise ValueError(f'{path}:{number}: expected {{"prompt": str, "must": [regex], "must_not": [regex]}}')
+        cases.append(case)
+    return cases
+
+
+def rule_failures(cases: list[dict], answers: list) -> list[dict]:
+    """The cases whose answer misses a ``must`` pattern or matches a ``must_not`` one (case-insensitive)."""
     failures = []
-    for case, [generated] in zip(cases, answers, strict=True):
+    for case, generated in zip(cases, answers, strict=True):
         answer = generated.text
         missing = [p for p in case.get("must", []) if not re.search(p, answer, re.IGNORECASE)]
         forbidden = [p for p in case.get("must_not", []) if re.search(p, answer, re.IGNORECASE)]

@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -172,7 +173,7 @@ class Worker:
             out_dir = self.settings.adapter_dir / str(version)
             loop = asyncio.get_running_loop()
             report = _Reporter(self, run["id"], loop)
-            gate = GateConfig()
+            gate = GateConfig(**({"gate_prompts": Path(t.gate_prompts).expanduser()} if t.gate_prompts else {}))
             judge, judged = await asyncio.to_thread(self._train_judge, config, data, report)
             if gate.trusts(judge) and t.best_of_k > 1:
                 judged["best_of_k"] = await asyncio.to_thread(

@@ -1,10 +1,17 @@
-"""LoRA training with TRL: SFT on edits, DPO on preference pairs, KTO on unpaired thumbs, or `auto`.
+"""LoRA training with TRL: SFT on edits, DPO on preference pairs, KTO on unpaired thumbs, RL, or `auto`.
 
 `auto` is built around SFT because that is what moves behaviour on the default model (shared/probes/learning.md:
 SFT on edits took held-out approval 0% -> 94% where DPO on the same edits, at reward accuracy 1.0, gave 6% and KTO
 on thumbs nothing). Its SFT stage learns from users' edits, from the answers they approved (filtered behaviour
 cloning) and from best-of-k samples picked by the reward model (worker/sampling.py), so thumbs count too. DPO
 runs when there is nothing to imitate but enough pairs, KTO when there are only thumbs; either can be asked for.
+
+`rl` is on-policy RL against the run's reward model with TRL's GRPO (the maintained PPO-family trainer): for each
+training prompt users asked, the adapter samples ``rl_generations`` answers, the reward model scores them and the
+no-collapse checks (worker/checks.py) take points off broken ones, and each answer is pushed up or down by how it
+compares with its group. A KL pull (``beta``) toward the base keeps the adapter from drifting to whatever the reward
+model over-rates. It is asked for, not picked by `auto`: on this CPU a step samples ``batch_size * rl_generations``
+answers and costs far more than an SFT step (bench/loop.py --algorithm rl).
 
 The adapter is trained on the base model (or continues the production adapter) and saved in plain PEFT format,
 which vLLM and LoRAX load unchanged. dtype and learning rate are set on purpose: TRL's CPU defaults (bf16, lr
@@ -29,7 +36,7 @@ from worker.data import TrainingData
 log = logging.getLogger(__name__)
 Algorithm = Literal["auto", "sft", "dpo", "kto", "rl"]
 # SFT: 3e-4 for 3 epochs moved held-out answers more than 2e-4 for 2 (shared/probes/learning.md)
-DEFAULT_LR = {"sft": 3e-4, "dpo": 5e-5, "kto": 5e-5}
+DEFAULT_LR = {"sft": 3e-4, "dpo": 5e-5, "kto": 5e-5, "rl": 1e-4}
 
 
 class NoUsableData(Exception):
@@ -48,7 +55,8 @@ class TrainConfig:
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
     target_modules: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "o_proj"),
                                             metadata={"help": "Modules that get a LoRA."})
-    learning_rate: float | None = field(default=None, metadata={"help": "None: 3e-4 for SFT, 5e-5 for DPO/KTO."})
+    learning_rate: float | None = field(default=None, metadata={"help": "None: 3e-4 for SFT, 5e-5 for DPO/KTO, "
+                                                                            "1e-4 for RL."})
     epochs: float = field(default=3.0, metadata={"help": "Passes over the training data."})
     max_steps: int | None = field(default=None, metadata={"help": "Steps per stage; overrides epochs and "
                                                                     "min_steps when set."})
@@ -56,8 +64,12 @@ class TrainConfig:
                                                          "a few edits still gets enough updates to move answers."})
     max_epochs: float = field(default=8.0, metadata={"help": "Passes min_steps may stretch to: a handful of rows "
                                                              "is not memorised."})
-    batch_size: int = field(default=4, metadata={"help": "Rows (pairs for DPO) per step."})
-    beta: float = field(default=0.1, metadata={"help": "DPO/KTO strength of the pull toward the reference."})
+    batch_size: int = field(default=4, metadata={"help": "Rows (pairs for DPO, prompts for RL) per step."})
+    beta: float = field(default=0.1, metadata={"help": "DPO/KTO/RL strength of the pull toward the reference."})
+    rl_generations: int = field(default=4, metadata={"help": "RL: answers sampled per prompt, each judged against "
+                                                             "its group."})
+    rl_max_new_tokens: int = field(default=128, metadata={"help": "RL: tokens per sampled answer; one cut off here "
+                                                                  "counts as unfinished, as at the gate."})
     max_length: int = field(default=256, metadata={"help": "Tokens per row (prompt + answer), truncated beyond."})
     seed: int = field(default=0, metadata={"help": "Seed for data order and LoRA init."})
     start_from: Literal["base", "production"] = field(
@@ -79,16 +91,14 @@ class TrainConfig:
             "learning_rate": self.learning_rate is None or 0 < self.learning_rate < 1,
             "max_steps": self.max_steps is None or self.max_steps >= 1, "batch_size": self.batch_size >= 1,
             "min_steps": self.min_steps >= 1, "max_epochs": self.max_epochs > 0,
-            "beta": self.beta > 0, "max_length": self.max_length >= 16,
+            "beta": self.beta > 0, "max_length": self.max_length >= 16, "rl_generations": self.rl_generations >= 2,
+            "rl_max_new_tokens": self.rl_max_new_tokens >= 8,
             "start_from": self.start_from in ("base", "production"), "dtype": self.dtype in ("float32", "bfloat16"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             help_text = {f.name: f.metadata.get("help", "") for f in fields(self)}[bad[0]]
             raise ValueError(f"TrainConfig.{bad[0]}={getattr(self, bad[0])!r} is invalid: {help_text}")
-        if self.algorithm == "rl":
-            raise ValueError("TrainConfig.algorithm='rl' (online RL against the reward model) is not built yet; "
-                             "auto already learns from the reward model through best-of-k")
         self.target_modules = tuple(self.target_modules)
 
     def as_dict(self) -> dict:
@@ -116,11 +126,19 @@ def sft_rows(config: TrainConfig, data: TrainingData) -> list[dict]:
     return list(unique.values())
 
 
+def rl_prompts(data: TrainingData) -> list[list[dict]]:
+    """What RL samples answers to: every distinct context users asked in the training split."""
+    from worker.sampling import unique_prompts
+
+    return unique_prompts(data.dpo.train + data.sft.train + data.kto.train, len(data.dpo.train + data.sft.train
+                                                                                 + data.kto.train))
+
+
 def plan_stages(config: TrainConfig, data: TrainingData) -> list[str]:
     """Which trainers run, in order; NoUsableData if none can."""
     sft, dpo, kto = len(sft_rows(config, data)), len(data.dpo.train), len(data.kto.train)
     if config.algorithm != "auto":
-        available = {"sft": sft, "dpo": dpo, "kto": kto}[config.algorithm]
+        available = {"sft": sft, "dpo": dpo, "kto": kto, "rl": len(rl_prompts(data))}[config.algorithm]
         minimum = 2 if config.algorithm == "kto" else 1
         if available < minimum:
             raise NoUsableData(f"{config.algorithm} needs at least {minimum} training rows, the feedback gives "
@@ -151,8 +169,12 @@ Progress = Callable[[dict], None]
 
 def train_adapter(config: TrainConfig, data: TrainingData, base_model: str, out_dir: Path,
                   on_progress: Progress = lambda p: None, stop: threading.Event | None = None,
-                  parent_adapter: str | None = None) -> TrainResult:
-    """Train and save the adapter to ``out_dir``; Cancelled if ``stop`` is set, NoUsableData if nothing to learn."""
+                  parent_adapter: str | None = None, judge=None) -> TrainResult:
+    """Train and save the adapter to ``out_dir``; Cancelled if ``stop`` is set, NoUsableData if nothing to learn.
+
+    ``judge``: the run's RewardModel (worker/reward.py), which the rl stage optimises; the caller decides it is
+    trustworthy enough for that.
+    """
     import datasets
     import torch
     from peft import LoraConfig, PeftModel
@@ -161,6 +183,8 @@ def train_adapter(config: TrainConfig, data: TrainingData, base_model: str, out_
     datasets.disable_progress_bars()
     stop = stop or threading.Event()
     stages = plan_stages(config, data)
+    if "rl" in stages and judge is None:
+        raise NoUsableData("rl needs a reward model to optimise, and this run has none")
     started = time.monotonic()
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_model)
@@ -190,7 +214,7 @@ def train_adapter(config: TrainConfig, data: TrainingData, base_model: str, out_
     results = []
     with tempfile.TemporaryDirectory(prefix="flywheel-train-") as scratch:
         for stage in stages:
-            trainer = _trainer(stage, config, model, tokenizer, data, peft_config, scratch, datasets)
+            trainer = _trainer(stage, config, model, tokenizer, data, peft_config, scratch, datasets, judge)
             trainer.remove_callback(PrinterCallback)  # progress goes through on_progress, not stdout
             trainer.add_callback(Report(stage))
             trainer.train()
@@ -204,16 +228,20 @@ def train_adapter(config: TrainConfig, data: TrainingData, base_model: str, out_
     return TrainResult(results, round(time.monotonic() - started, 1))
 
 
-def _trainer(stage, config: TrainConfig, model, tokenizer, data: TrainingData, peft_config, scratch, datasets):
+def _trainer(stage, config: TrainConfig, model, tokenizer, data: TrainingData, peft_config, scratch, datasets,
+             judge=None):
     import torch
-    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+    from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
-    rows = getattr(data, stage).train
     batch_size = max(2, config.batch_size) if stage == "kto" else config.batch_size  # KTO's KL term needs a pair
     if stage == "sft":  # prompt/completion rows: the loss is on the answer only
         rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in sft_rows(config, data)]
     elif stage == "kto":
-        rows = _interleaved(rows)
+        rows = _interleaved(data.kto.train)
+    elif stage == "rl":
+        rows = [{"prompt": p} for p in rl_prompts(data)]
+    else:
+        rows = data.dpo.train
     common = dict(
         output_dir=scratch, per_device_train_batch_size=batch_size,
         learning_rate=config.learning_rate or DEFAULT_LR[stage], max_steps=config.steps(len(rows), batch_size),
@@ -225,6 +253,16 @@ def _trainer(stage, config: TrainConfig, model, tokenizer, data: TrainingData, p
         trainer_class, args = SFTTrainer, SFTConfig(**common)
     elif stage == "dpo":
         trainer_class, args = DPOTrainer, DPOConfig(**common, beta=config.beta)
+    elif stage == "rl":
+        # A step takes batch_size prompts with rl_generations answers each; answers are bounded by their own length.
+        del common["max_length"]
+        common["per_device_train_batch_size"] = batch_size * config.rl_generations
+        args = GRPOConfig(**common, beta=config.beta, num_generations=config.rl_generations,
+                          max_completion_length=config.rl_max_new_tokens, temperature=RL_TEMPERATURE, top_k=0,
+                          top_p=1.0, shuffle_dataset=True)
+        return GRPOTrainer(model=model, reward_funcs=rl_rewards(judge, tokenizer, model), args=args,
+                           train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+                           peft_config=peft_config)
     else:
         desirable = sum(r["label"] for r in rows)
         undesirable = len(rows) - desirable
@@ -235,6 +273,29 @@ def _trainer(stage, config: TrainConfig, model, tokenizer, data: TrainingData, p
     dataset = datasets.Dataset.from_list(rows)
     return trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
+
+
+RL_TEMPERATURE = 0.9  # as best-of-k samples: varied enough to compare, still on topic
+
+
+def rl_rewards(judge, tokenizer, model) -> list:
+    """GRPO's reward functions: the judge's score, and minus one per failed no-collapse check (an unfinished,
+    looping, empty or off-topic answer must not win its group because the judge liked its first words)."""
+    from service.engine.weights import stop_token_ids
+    from worker.checks import neutral_checks
+    from worker.sampling import last_user_turn
+
+    stop_ids = stop_token_ids(model, tokenizer)
+
+    def judge_score(prompts, completions, **_):
+        return judge.score(prompts, [c[-1]["content"] for c in completions])
+
+    def no_collapse(prompts, completions, completion_ids, **_):
+        return [-float(sum(not ok for ok in neutral_checks(last_user_turn(p), c[-1]["content"],
+                                                           bool(ids) and ids[-1] in stop_ids).values()))
+                for p, c, ids in zip(prompts, completions, completion_ids, strict=True)]
+
+    return [judge_score, no_collapse]
 
 
 def _interleaved(rows: list[dict]) -> list[dict]:

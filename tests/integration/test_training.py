@@ -40,6 +40,7 @@ def concise_preference(questions=QUESTIONS, answers=SHORT, flip=False) -> Traini
 
 
 TINY = {"max_steps": 4, "batch_size": 2, "max_length": 128}
+HELDOUT_ONLY = GateConfig(gate_prompts=None)  # where the fixed everyday prompts are not the point: half the time
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,8 @@ def test_each_algorithm_changes_the_adapter_the_way_it_optimises(algorithm, defa
 
 HELDOUT = (["What is the capital of Spain?", "Name a vegetable.", "How many legs has a cat?"],
            ["Madrid.", "A carrot.", "Four."])
+EVERYDAY = ["How do I water a cactus?", "Why do dogs bark at night?", "How do I tie shoelaces quickly?",
+            "What is a comet?", "How do I clean a window without streaks?", "Why do trains run on rails?"]
 
 
 def test_the_gate_ranks_a_faithful_adapter_over_one_trained_on_flipped_labels(default_model, tmp_path):
@@ -91,7 +94,7 @@ def test_the_gate_ranks_a_faithful_adapter_over_one_trained_on_flipped_labels(de
         data = concise_preference(flip=flip)
         data.dpo.heldout = heldout.dpo.train
         train_adapter(TrainConfig(algorithm="dpo", **TINY), data, str(default_model), tmp_path / name)
-        verdicts[name] = evaluate(str(default_model), str(tmp_path / name), None, data, GateConfig())
+        verdicts[name] = evaluate(str(default_model), str(tmp_path / name), None, data, HELDOUT_ONLY)
     faithful, flipped = verdicts["faithful"], verdicts["flipped"]
     assert faithful.metrics["candidate_accuracy"] >= GateConfig().min_gain, faithful.reasons
     assert faithful.metrics["candidate_accuracy"] > flipped.metrics["candidate_accuracy"]
@@ -109,21 +112,37 @@ def test_the_gate_rejects_an_adapter_that_learned_the_preference_but_changes_no_
     data = concise_preference()
     data.dpo.heldout = concise_preference(*HELDOUT).dpo.train
     train_adapter(TrainConfig(algorithm="dpo", learning_rate=1e-6, **TINY), data, str(default_model), tmp_path)
-    verdict = evaluate(str(default_model), str(tmp_path), None, data, GateConfig())
+    verdict = evaluate(str(default_model), str(tmp_path), None, data, HELDOUT_ONLY)
     assert verdict.metrics["candidate_accuracy"] >= verdict.metrics["production_accuracy"] + GateConfig().min_gain
     assert verdict.metrics["changed_share"] == 0
     assert not verdict.passed and len(verdict.reasons) == 1 and verdict.reasons[0].startswith("changes no behaviour")
 
 
-def test_regression_prompts_can_veto_a_candidate(default_model, tmp_path):
+def test_the_gate_prompts_catch_a_collapse_the_held_out_prompts_are_too_few_to_show(default_model, tmp_path):
+    """A round holds out a handful of prompts; everyday prompts show an adapter that answers everything alike."""
+    data = TrainingData()
+    data.sft.train = [{"messages": [*_user(q), *_assistant("Bananas.")]} for q in QUESTIONS]
+    data.dpo.heldout = concise_preference(*HELDOUT).dpo.train
+    train_adapter(TrainConfig(algorithm="sft", max_steps=12, learning_rate=1e-3, batch_size=4, max_length=128),
+                  data, str(default_model), tmp_path / "a")
+    prompts = tmp_path / "everyday.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "{q}"}}\n' for q in EVERYDAY))
+    verdict = evaluate(str(default_model), str(tmp_path / "a"), None, data, GateConfig(gate_prompts=prompts))
+    assert verdict.metrics["heldout_behaviour_prompts"] == 3
+    assert verdict.metrics["behaviour_prompts"] == 3 + len(EVERYDAY)
+    assert verdict.metrics["neutral_candidate"]["on_topic"] < verdict.metrics["neutral_production"]["on_topic"] - 0.1
+    assert any(r.startswith("collapse check 'on_topic'") for r in verdict.reasons), verdict.reasons
+
+
+def test_gate_prompt_rules_can_veto_a_candidate(default_model, tmp_path):
     data = concise_preference()
     data.dpo.heldout = data.dpo.train[:2]
     train_adapter(TrainConfig(algorithm="sft", **TINY), data, str(default_model), tmp_path / "a")
-    prompts = tmp_path / "regressions.jsonl"
+    prompts = tmp_path / "rules.jsonl"
     prompts.write_text('{"prompt": "What is the capital of France?", "must_not": ["\\\\w"]}\n')  # any word fails
-    verdict = evaluate(str(default_model), str(tmp_path / "a"), None, data, GateConfig(regression_prompts=prompts))
-    assert not verdict.passed and "regression" in verdict.reasons[-1]
-    assert verdict.metrics["regression_failures"][0]["forbidden"] == ["\\w"]
+    verdict = evaluate(str(default_model), str(tmp_path / "a"), None, data, GateConfig(gate_prompts=prompts))
+    assert not verdict.passed and "1 gate prompt(s) broke their rules" in verdict.reasons
+    assert verdict.metrics["rule_failures"][0]["forbidden"] == ["\\w"]
 
 
 def test_auto_plans_from_the_data_and_says_why_when_it_cannot():

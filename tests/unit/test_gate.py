@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
+
+from bench.prompts import load_prompts
+from worker.checks import keywords
 from worker.data import TrainingData
-from worker.evaluate import GateConfig, behaviour_reasons
-from worker.sampling import unique_prompts
+from worker.evaluate import GATE_PROMPTS, GateConfig, behaviour_reasons, load_gate_prompts, rule_failures
+from worker.sampling import Answer, unique_prompts
 from worker.train import TrainConfig, plan_stages, sft_rows
 
 ALL_PASS = {"not_empty": 1.0, "on_topic": 1.0, "not_looping": 1.0, "finished": 1.0}
@@ -25,17 +31,18 @@ def test_unchanged_answers_are_refused_whatever_else_holds():
                        "(at least 10% needed)"]
 
 
-def test_a_collapse_is_a_fall_beyond_the_limit_at_95_percent_confidence():
-    one_miss = _metrics(behaviour_prompts=8, neutral_candidate={**ALL_PASS, "on_topic": 7 / 8})
-    assert behaviour_reasons(one_miss, GateConfig(), "production") == []  # 1 of 8: noise
-    three_misses = _metrics(behaviour_prompts=8, neutral_candidate={**ALL_PASS, "on_topic": 5 / 8})
-    [reason] = behaviour_reasons(three_misses, GateConfig(), "production")
-    assert reason.startswith("collapse check 'on_topic' passes on 62% of its 8 answers against 100% for production")
-    assert "95% upper bound 86%" in reason
-    many = _metrics(behaviour_prompts=100, neutral_candidate={**ALL_PASS, "finished": 0.8})
-    assert "'finished' passes on 80% of its 100 answers" in behaviour_reasons(many, GateConfig(), "production")[0]
-    assert behaviour_reasons(_metrics(behaviour_prompts=100, neutral_candidate={**ALL_PASS, "finished": 0.86}),
-                             GateConfig(), "production") == []
+def test_a_collapse_is_a_fall_beyond_the_limit():
+    three_misses = _metrics(behaviour_prompts=42, neutral_candidate={**ALL_PASS, "on_topic": 39 / 42})
+    assert behaviour_reasons(three_misses, GateConfig(), "production") == []  # 7 points
+    five_misses = _metrics(behaviour_prompts=42, neutral_candidate={**ALL_PASS, "on_topic": 37 / 42})
+    [reason] = behaviour_reasons(five_misses, GateConfig(), "production")
+    assert reason == ("collapse check 'on_topic' passes on 88% of its 42 answers against 100% for production (at most "
+                      "10% fewer allowed)")
+    exactly_the_limit = _metrics(neutral_candidate={**ALL_PASS, "finished": 0.8},
+                                 neutral_production={**ALL_PASS, "finished": 0.9})
+    assert behaviour_reasons(exactly_the_limit, GateConfig(), "production") == []
+    better = _metrics(neutral_candidate={**ALL_PASS, "finished": 0.9}, neutral_production={**ALL_PASS, "finished": 0.5})
+    assert behaviour_reasons(better, GateConfig(), "production") == []
 
 
 def test_a_trusted_judge_must_prefer_the_candidate_by_the_margin():
@@ -97,3 +104,34 @@ def test_best_of_k_and_the_gate_take_the_newest_distinct_prompts():
             {"messages": _conversation("four?", "A.")[0] + _conversation("four?", "A.")[1]}]
     assert [p[0]["content"] for p in unique_prompts(rows, 3)] == ["one?", "three?", "four?"]
     assert [p[0]["content"] for p in unique_prompts(rows, 10)] == ["two?", "one?", "three?", "four?"]
+
+
+def test_the_shipped_gate_prompts_load_and_share_no_topic_with_the_benchmarks_prompts():
+    """The gate must not look at the benchmark's held-out prompts: a gain there would be selected, not learned."""
+    cases = load_gate_prompts(GATE_PROMPTS)
+    assert len(cases) >= 32 and len({c["prompt"] for c in cases}) == len(cases)
+    bench = [p.text for p in load_prompts()]
+    for case in cases:
+        ours = set(keywords(case["prompt"]))
+        assert not [b for b in bench if len(ours & set(keywords(b))) >= 2], case["prompt"]
+
+
+def test_a_bad_gate_prompts_line_is_named(tmp_path):
+    path = tmp_path / "gate.jsonl"
+    for line, error in (('{"prompt": "Hi?"}\n{"prompt": 3}', ":2: expected"), ("not json", ":1: Expecting value"),
+                        ('{"prompt": "Hi?", "must": ["("]}', ":1: missing )"),
+                        ('{"prompt": "Hi?", "must_not": "x"}', ":1: expected")):
+        path.write_text(line)
+        with pytest.raises(ValueError, match=re.escape(f"{path}{error}")):
+            load_gate_prompts(path)
+    path.write_text('{"prompt": "Hi?", "must": ["hello"]}\n\n{"prompt": "Bye?"}\n')
+    assert [c["prompt"] for c in load_gate_prompts(path)] == ["Hi?", "Bye?"]
+
+
+def test_rules_fail_on_a_missing_must_or_a_present_must_not():
+    cases = [{"prompt": "Capital of France?", "must": ["paris"]}, {"prompt": "Say hi", "must_not": ["damn"]},
+             {"prompt": "Anything"}]
+    answers = [Answer("It is Paris.", True), Answer("Damn, hi.", True), Answer("", False)]
+    assert rule_failures(cases, answers) == [{"prompt": "Say hi", "answer": "Damn, hi.", "missing": [],
+                                              "forbidden": ["damn"]}]
+    assert [f["missing"] for f in rule_failures(cases[:1], [Answer("Rome.", True)])] == [["paris"]]
