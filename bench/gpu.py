@@ -6,9 +6,10 @@
 * training: ``worker.train.train_adapter`` for SFT, DPO and KTO, --steps steps each on small synthetic datasets, in
   bfloat16 (mixed precision) and in float32 on the same GPU; seconds per step, the loss moved, and the saved
   adapter loads into the CUDA engine and answers;
-* worker: the run's reward model (``worker.reward``) trained and loaded on the GPU, best-of-k sampling and the
-  gate's behaviour check (``worker.evaluate``, greedy answers of candidate and base, judged) on CUDA: seconds and
-  the devices used. With random weights the numbers check the code path, not what is learned.
+* worker: the run's reward model (``worker.reward``) trained and loaded on the GPU, best-of-k sampling, the rl
+  stage (GRPO against that reward model, bf16) and the gate's behaviour check (``worker.evaluate``, greedy answers
+  of candidate and base to held-out and gate prompts, judged) on CUDA: seconds and the devices used. With random
+  weights the numbers check the code path, not what is learned.
 
 The model is --model, a local folder. Where its weights cannot be brought (a machine with no hub, a size limit on
 what travels), --random-init builds the same architecture from the folder's config and tokenizer with random
@@ -181,12 +182,20 @@ def worker_bench(model_dir: Path, adapter: Path, steps: int, scratch: Path) -> d
     rows, counts = best_of_k(model, tokenizer, judge, prompts, k=4, max_new_tokens=64)
     best_of_k_s = time.perf_counter() - started
     started = time.perf_counter()
+    progress = []
+    rl = train_adapter(TrainConfig(algorithm="rl", max_steps=steps, dtype="bfloat16", rl_max_new_tokens=64), data,
+                       str(model_dir), scratch / "rl", on_progress=progress.append, judge=judge)
+    rl_s = time.perf_counter() - started
+    rewards = [p["reward"] for p in progress if "reward" in p]
+    started = time.perf_counter()
     verdict = evaluate(str(model_dir), str(adapter), None, data, GateConfig(max_new_tokens=64), judge)
-    return {"device": device(), "judge_device": str(judge._scorer.model.device), "reward_s": reward_s,
+    return {"rl_s": rl_s, "rl_steps": rl.stages[0]["steps"], "rl_reward_first_last": rewards[:1] + rewards[-1:],
+            "device": device(), "judge_device": str(judge._scorer.model.device), "reward_s": reward_s,
             "reward_steps": result.metrics["steps"], "reward_heldout_accuracy": result.metrics["heldout_accuracy"],
             "best_of_k_s": best_of_k_s, "best_of_k": counts, "gate_s": time.perf_counter() - started,
             "gate_metrics": {k: verdict.metrics.get(k) for k in ("behaviour_prompts", "changed_share",
-                                                                 "judge_win_rate", "candidate_accuracy")},
+                                                                 "heldout_behaviour_prompts", "judge_win_rate",
+                                                                 "candidate_accuracy")},
             "gate_reasons": verdict.reasons}
 
 
@@ -228,6 +237,7 @@ def main() -> None:
         worker = worker_bench(model_dir, adapters[0], args.steps, scratch)
         print(format_table(["worker step", "seconds"], [["reward model", worker["reward_s"]],
                                                        ["best-of-k", worker["best_of_k_s"]],
+                                                       [f"rl, {worker['rl_steps']} steps", worker["rl_s"]],
                                                        ["gate", worker["gate_s"]]]))
         print(f"devices: generation {worker['device']}, judge {worker['judge_device']}; best-of-k "
               f"{worker['best_of_k']}; gate {worker['gate_metrics']}")

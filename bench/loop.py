@@ -40,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import time
+import typing
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from swap import Replica, fresh_database
 from users import PREFERENCES, SimulatedUser, make_user, neutral_checks, unit_draw, words
 
 from service.feedback.stats import wilson_interval
+from worker.train import Algorithm
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ADMIN_KEY = "fw-loop-bench-admin"
@@ -363,7 +365,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.9, help="sampling of the answers users rate")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--algorithm", choices=["auto", "sft", "dpo", "kto"], help="default: the service's setting")
+    parser.add_argument("--algorithm", choices=typing.get_args(Algorithm), help="default: the service's setting")
     parser.add_argument("--max-steps", type=int, help="steps per training stage (default: the worker's epochs)")
     parser.add_argument("--no-promote", action="store_true", help="leave a passing adapter to the rollout")
     parser.add_argument("--seed", type=int, default=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,7 @@ from rich.table import Table
 from service.adapters.cli import adapters_app
 from service.console import CommandError, JsonOption, err, out, run_async, settings, setup_logging, with_database
 from service.settings import SettingsError
+from worker.train import Algorithm
 
 app = typer.Typer(help="Flywheel: a chat service whose model learns from its users.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -176,7 +178,7 @@ def export(
 @app.command()
 def train(
     now: Annotated[bool, typer.Option("--now", help="Queue a run now (the worker picks it up).")] = False,
-    algorithm: Annotated[str | None, typer.Option(help="auto, sft, dpo or kto.")] = None,
+    algorithm: Annotated[str | None, typer.Option(help="auto, sft, dpo, kto or rl.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Steps per training stage.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the run until it ends.")] = False,
     timeout: Annotated[float, typer.Option(help="With --wait: give up after this many seconds.")] = 3600,
@@ -189,8 +191,8 @@ def train(
     if not now:
         raise typer.BadParameter("say --now to queue a run (the worker also starts runs by itself)",
                                  param_hint="--now")
-    if algorithm not in (None, "auto", "sft", "dpo", "kto"):
-        raise typer.BadParameter("must be auto, sft, dpo or kto", param_hint="--algorithm")
+    if algorithm not in (None, *typing.get_args(Algorithm)):
+        raise typer.BadParameter(f"must be one of {', '.join(typing.get_args(Algorithm))}", param_hint="--algorithm")
     if max_steps is not None and max_steps < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--max-steps")
     params = NewRun(algorithm=algorithm, max_steps=max_steps).params()

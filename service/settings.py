@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from worker.train import Algorithm
+
 PREFIX = "FLYWHEEL_"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -91,7 +93,7 @@ class TrainingSettings(msgspec.Struct, frozen=True, kw_only=True):
         float, _doc("Train anyway when this many seconds passed since the last run and any feedback is new.", gt=0)
     ] = 86400.0
     train_algorithm: Annotated[
-        Literal["auto", "sft", "dpo", "kto", "rl"], _doc("Algorithm for triggered runs; auto picks from the data.")
+        Algorithm, _doc("Algorithm for triggered runs; auto picks from the data, rl optimises the run's reward model.")
     ] = "auto"
     train_max_steps: Annotated[
         Annotated[int, Meta(ge=1)] | None, _doc("Steps per training stage; unset: the epochs of the train config.")

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+import typing
 from pathlib import Path
 
 import gradio as gr
 
 from ui import figures
 from ui.client import ApiError, FlywheelClient, Session
+from worker.train import Algorithm
 
 ACTIONS = ("promote", "canary", "rollback", "retire", "reject")
-ALGORITHMS = ("auto", "sft", "dpo", "kto")
+ALGORITHMS = typing.get_args(Algorithm)
 WHAT_IT_DOES = {
     "promote": "make {v} production (the current production version is retired)",
     "canary": "send {percent}% of callers to {v} as a canary",

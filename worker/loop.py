@@ -175,11 +175,15 @@ class Worker:
             report = _Reporter(self, run["id"], loop)
             gate = GateConfig(**({"gate_prompts": Path(t.gate_prompts).expanduser()} if t.gate_prompts else {}))
             judge, judged = await asyncio.to_thread(self._train_judge, config, data, report)
-            if gate.trusts(judge) and t.best_of_k > 1:
+            if config.algorithm == "rl" and not gate.trusts(judge):
+                raise NoUsableData(f"rl optimises the run's reward model, which must be trusted (held-out accuracy >= "
+                                   f"{gate.min_judge_accuracy} on >= {gate.min_judge_rows} rows): "
+                                   f"{_json(judged['reward_model'])}")
+            if gate.trusts(judge) and t.best_of_k > 1 and config.algorithm != "rl":  # rl samples on its own
                 judged["best_of_k"] = await asyncio.to_thread(
                     self._best_of_k, judge, data, production["path"] if production else None, config)
             result = await asyncio.to_thread(train_adapter, config, data, self.settings.base_model, out_dir,
-                                             report, self.stop_training, parent["path"] if parent else None)
+                                             report, self.stop_training, parent["path"] if parent else None, judge)
             _write_lineage(out_dir, version=version, parent_version=row["parent_version"], run_id=run["id"],
                            data_until=data.data_until, config=config.as_dict(), counts=data.counts())
             # The bar to clear is what serves now: production, or the base when there is none.

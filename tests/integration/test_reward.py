@@ -123,3 +123,37 @@ def test_best_of_k_keeps_the_judges_favourite_finished_answer_per_prompt(default
         assert kept in usable  # never a cut-off or collapsed answer
         scores = judge.score([prompts[i]] * len(usable), usable)
         assert scores[usable.index(kept)] == max(scores)
+
+
+def test_rl_optimises_the_judge_and_takes_points_off_broken_answers(default_model, trained, tmp_path):
+    """The rl stage: GRPO samples answers to the users' prompts, scored by the reward model and the no-collapse
+    checks; a couple of steps at test size must run, log both rewards and move the LoRA."""
+    from safetensors.torch import load_file
+
+    from service.engine.weights import load_pretrained
+    from worker.train import NoUsableData, TrainConfig, rl_rewards, train_adapter
+
+    result, data, _, _ = trained
+    judge = RewardModel(result.path, str(default_model))
+    model, tokenizer = load_pretrained(str(default_model))
+    judge_score, no_collapse = rl_rewards(judge, tokenizer, model)
+    prompts = [[{"role": "user", "content": "What is the capital of Japan?"}]] * 2
+    answers = ["The capital of Japan is Tokyo.", "blah " * 12]
+    completions = [[{"role": "assistant", "content": a}] for a in answers]
+    # the good answer ended with end-of-turn; the other is off topic, looping and was cut off
+    assert no_collapse(prompts, completions, [[464, tokenizer.eos_token_id], [464, 464]]) == [0.0, -3.0]
+    assert judge_score(prompts, completions) == judge.score(prompts, answers)
+
+    config = TrainConfig(algorithm="rl", max_steps=2, batch_size=2, rl_generations=2, rl_max_new_tokens=16)
+    with pytest.raises(NoUsableData, match="rl needs a reward model"):
+        train_adapter(config, data, str(default_model), tmp_path / "none")
+    progress = []
+    trained_rl = train_adapter(config, data, str(default_model), tmp_path / "rl", on_progress=progress.append,
+                               judge=judge)
+    assert trained_rl.stages[0]["algorithm"] == "rl" and trained_rl.stages[0]["steps"] == 2
+    assert trained_rl.stages[0]["rows"] == len(TRAIN)  # one row per distinct prompt users asked
+    logged = [p for p in progress if "rewards/judge_score/mean" in p]
+    assert len(logged) == 2 and all(math.isfinite(p["rewards/judge_score/mean"]) for p in logged)
+    assert all(-4 <= p["rewards/no_collapse/mean"] <= 0 for p in logged)
+    weights = load_file(str(tmp_path / "rl" / "adapter_model.safetensors"))
+    assert any(t.abs().sum() > 0 for name, t in weights.items() if "lora_B" in name)  # B starts at zero: it moved

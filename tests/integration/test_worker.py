@@ -107,6 +107,19 @@ async def test_a_run_without_usable_data_does_nothing_and_says_why(settings, bac
     assert await pool.fetchval("SELECT count(*) FROM adapters") == 0
 
 
+async def test_rl_without_a_trusted_reward_model_trains_nothing_and_says_why(settings, backends):
+    """rl optimises the judge: on 12 prompts its held-out split is far under the 8 rows trust needs."""
+    pool, redis = backends
+    await seed_feedback(pool, prompts=12)
+    queued = await runs.queue(pool, algorithm="rl", params={"algorithm": "rl"}, requested_by="test")
+    assert await Worker(settings, pool, redis).cycle() == queued["id"]
+    run = await runs.get(pool, queued["id"])
+    assert run["status"] == "succeeded", run["error"]
+    assert "rl optimises the run's reward model, which must be trusted" in run["metrics"]["note"]
+    assert '"heldout_accuracy"' in run["metrics"]["note"]  # the judge was trained: the note shows why it falls short
+    assert await pool.fetchval("SELECT array_agg(DISTINCT status) FROM adapters") == ["failed"]
+
+
 def _start_worker(settings: Settings) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env.update(FLYWHEEL_DATABASE_URL=settings.database_url, FLYWHEEL_REDIS_URL=settings.redis_url,
