@@ -41,13 +41,15 @@ def gate_text(metrics: dict | None) -> str:
                      f"{metrics.get('production_accuracy', 0):.2f}")
     if "kl_from_base" in metrics:
         parts.append(f"KL {metrics['kl_from_base']:.3f}")
-    if "changed_share" in metrics:  # behaviour: greedy answers to held-out prompts against what served
+    if "changed_share" in metrics:  # behaviour: greedy answers to held-out and gate prompts against what served
         parts.append(f"changed {metrics['changed_share']:.0%} of {metrics['behaviour_prompts']} answers")
         words = metrics.get("mean_words") or {}
         if words:
             parts.append(f"words {words['production']:.0f} -> {words['candidate']:.0f}")
-        finished = metrics["neutral_candidate"]["finished"], metrics["neutral_production"]["finished"]
-        parts.append(f"finished {finished[1]:.0%} -> {finished[0]:.0%}")
+        for check, label in (("on_topic", "on topic"), ("finished", "finished")):
+            if check in metrics["neutral_candidate"]:
+                parts.append(f"{label} {metrics['neutral_production'][check]:.0%} -> "
+                             f"{metrics['neutral_candidate'][check]:.0%}")
     if metrics.get("judge_win_rate") is not None:
         parts.append(f"reward model v{metrics['judge_version']} prefers it on {metrics['judge_win_rate']:.0%}")
     if "gate_reasons" in metrics:

@@ -162,7 +162,7 @@ def behaviour_reasons(metrics: dict, gate: GateConfig, served: str) -> list[str]
         return []
     reasons = []
     if metrics["changed_share"] < gate.min_changed:
-        reasons.append(f"changes no behaviour: its greedy answers to {n} held-out prompts differ from {served}'s on "
+        reasons.append(f"changes no behaviour: its greedy answers to {n} prompts differ from {served}'s on "
                        f"{metrics['changed_share']:.0%} (at least {gate.min_changed:.0%} needed)")
     for check, rate in metrics["neutral_candidate"].items():
         # Counted on the gate prompts too (32 by default), one odd answer is 3 points: a fall beyond the limit is
@@ -174,7 +174,7 @@ def behaviour_reasons(metrics: dict, gate: GateConfig, served: str) -> list[str]
     if metrics.get("judge_win_rate") is not None and metrics["judge_win_rate"] < gate.min_win_rate:
         reasons.append(f"the reward model (v{metrics['judge_version']}, held-out accuracy "
                        f"{metrics['judge_accuracy']:.2f}) prefers its answers on {metrics['judge_win_rate']:.0%} of "
-                       f"{n} held-out prompts (at least {gate.min_win_rate:.0%} needed)")
+                       f"{n} prompts (at least {gate.min_win_rate:.0%} needed)")
     return reasons
 
 

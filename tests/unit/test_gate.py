@@ -27,7 +27,7 @@ def test_a_candidate_that_changes_answers_without_collapse_passes():
 
 def test_unchanged_answers_are_refused_whatever_else_holds():
     reasons = behaviour_reasons(_metrics(changed_share=0.05), GateConfig(), "the base")
-    assert reasons == ["changes no behaviour: its greedy answers to 20 held-out prompts differ from the base's on 5% "
+    assert reasons == ["changes no behaviour: its greedy answers to 20 prompts differ from the base's on 5% "
                        "(at least 10% needed)"]
 
 

@@ -73,10 +73,11 @@ def test_gate_and_run_figures():
                       "gate_reasons": []}) == "held-out accuracy 0.71 vs 0.50, KL 0.012, passed"
     assert gate_text({"gate_reasons": ["drifts"]}) == "failed: drifts"
     behaviour = {"behaviour_prompts": 8, "changed_share": 0.75, "mean_words": {"candidate": 31.2, "production": 80.4},
-                 "neutral_candidate": {"finished": 0.875}, "neutral_production": {"finished": 0.5},
+                 "neutral_candidate": {"on_topic": 0.75, "finished": 0.875},
+                 "neutral_production": {"on_topic": 1.0, "finished": 0.5},
                  "judge_version": 2, "judge_win_rate": 0.625, "gate_reasons": []}
-    assert gate_text(behaviour) == ("changed 75% of 8 answers, words 80 -> 31, finished 50% -> 88%, reward model v2 "
-                                    "prefers it on 62%, passed")
+    assert gate_text(behaviour) == ("changed 75% of 8 answers, words 80 -> 31, on topic 100% -> 75%, finished 50% -> "
+                                    "88%, reward model v2 prefers it on 62%, passed")
     run = {"id": 7, "status": "running", "algorithm": "auto", "progress": {"history": [
         {"stage": "sft", "step": 1, "loss": 2.0}, {"stage": "dpo", "step": 1, "loss": 0.7, "rewards/margins": 0.1}]}}
     chart = run_chart(run)
