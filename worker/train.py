@@ -70,6 +70,8 @@ class TrainConfig:
     beta: float = field(default=0.1, metadata={"help": "DPO/KTO/RL strength of the pull toward the reference."})
     rl_generations: int = field(default=4, metadata={"help": "RL: answers sampled per prompt, each judged against "
                                                              "its group."})
+    rl_prompts: int = field(default=40, metadata={"help": "RL: the newest distinct prompts users asked that a run "
+                                                          "samples answers to, in one pass."})
     rl_max_new_tokens: int = field(default=128, metadata={"help": "RL: tokens per sampled answer; one cut off here "
                                                                   "counts as unfinished, as at the gate."})
     max_length: int = field(default=256, metadata={"help": "Tokens per row (prompt + answer), truncated beyond."})
@@ -94,6 +96,7 @@ class TrainConfig:
             "max_steps": self.max_steps is None or self.max_steps >= 1, "batch_size": self.batch_size >= 1,
             "min_steps": self.min_steps >= 1, "max_epochs": self.max_epochs > 0,
             "beta": self.beta > 0, "max_length": self.max_length >= 16, "rl_generations": self.rl_generations >= 2,
+            "rl_prompts": self.rl_prompts >= 1,
             "rl_max_new_tokens": self.rl_max_new_tokens >= 8,
             "start_from": self.start_from in ("base", "production"), "dtype": self.dtype in ("float32", "bfloat16"),
         }
@@ -128,19 +131,19 @@ def sft_rows(config: TrainConfig, data: TrainingData) -> list[dict]:
     return list(unique.values())
 
 
-def rl_prompts(data: TrainingData) -> list[list[dict]]:
-    """What RL samples answers to: every distinct context users asked in the training split."""
+def prompts_for_rl(config: TrainConfig, data: TrainingData) -> list[list[dict]]:
+    """What RL samples answers to: the newest ``rl_prompts`` distinct contexts users asked in the training split
+    (thumbs last, as for best-of-k: they come with nearly every rated answer, in time order)."""
     from worker.sampling import unique_prompts
 
-    return unique_prompts(data.dpo.train + data.sft.train + data.kto.train, len(data.dpo.train + data.sft.train
-                                                                                 + data.kto.train))
+    return unique_prompts(data.dpo.train + data.sft.train + data.kto.train, config.rl_prompts)
 
 
 def plan_stages(config: TrainConfig, data: TrainingData) -> list[str]:
     """Which trainers run, in order; NoUsableData if none can."""
     sft, dpo, kto = len(sft_rows(config, data)), len(data.dpo.train), len(data.kto.train)
     if config.algorithm != "auto":
-        available = {"sft": sft, "dpo": dpo, "kto": kto, "rl": len(rl_prompts(data))}[config.algorithm]
+        available = {"sft": sft, "dpo": dpo, "kto": kto, "rl": len(prompts_for_rl(config, data))}[config.algorithm]
         minimum = 2 if config.algorithm == "kto" else 1
         if available < minimum:
             raise NoUsableData(f"{config.algorithm} needs at least {minimum} training rows, the feedback gives "
@@ -236,23 +239,21 @@ def _trainer(stage, config: TrainConfig, model, tokenizer, data: TrainingData, p
     from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
     batch_size = max(2, config.batch_size) if stage == "kto" else config.batch_size  # KTO's KL term needs a pair
+    steps = None
     if stage == "sft":  # prompt/completion rows: the loss is on the answer only
         rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in sft_rows(config, data)]
     elif stage == "kto":
         rows = _interleaved(data.kto.train)
     elif stage == "rl":
-        rows = [{"prompt": p} for p in rl_prompts(data)]
-    else:
-        rows = data.dpo.train
-    # RL samples every answer it learns from: one pass over the prompts (rl_generations answers each) is its epoch
-    # budget, several minutes on a 2-core CPU already.
-    if stage == "rl":
+        rows = [{"prompt": p} for p in prompts_for_rl(config, data)]
+        # RL samples every answer it learns from: one pass over the prompts (rl_generations answers each) is its
+        # budget, 10 steps and about 7 minutes on a 2-core CPU at the defaults.
         steps = config.max_steps or math.ceil(len(rows) / batch_size)
     else:
-        steps = config.steps(len(rows), batch_size)
+        rows = data.dpo.train
     common = dict(
         output_dir=scratch, per_device_train_batch_size=batch_size,
-        learning_rate=config.learning_rate or DEFAULT_LR[stage], max_steps=steps,
+        learning_rate=config.learning_rate or DEFAULT_LR[stage], max_steps=steps or config.steps(len(rows), batch_size),
         logging_steps=1, report_to="none", save_strategy="no",
         use_cpu=not torch.cuda.is_available(), bf16=config.dtype == "bfloat16", gradient_checkpointing=False,
         lr_scheduler_type="constant", seed=config.seed, max_length=config.max_length, disable_tqdm=True,

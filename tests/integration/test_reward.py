@@ -151,7 +151,7 @@ def test_rl_optimises_the_judge_and_takes_points_off_broken_answers(default_mode
     trained_rl = train_adapter(config, data, str(default_model), tmp_path / "rl", on_progress=progress.append,
                                judge=judge)
     assert trained_rl.stages[0]["algorithm"] == "rl" and trained_rl.stages[0]["steps"] == 2
-    assert trained_rl.stages[0]["rows"] == len(TRAIN)  # one row per distinct prompt users asked
+    assert trained_rl.stages[0]["rows"] == len(TRAIN)  # one row per distinct prompt users asked (16 <= rl_prompts)
     logged = [p for p in progress if "rewards/judge_score/mean" in p]
     assert len(logged) == 2 and all(math.isfinite(p["rewards/judge_score/mean"]) for p in logged)
     assert all(-4 <= p["rewards/no_collapse/mean"] <= 0 for p in logged)

@@ -11,7 +11,7 @@ from worker.checks import keywords
 from worker.data import TrainingData
 from worker.evaluate import GATE_PROMPTS, GateConfig, behaviour_reasons, load_gate_prompts, rule_failures
 from worker.sampling import Answer, unique_prompts
-from worker.train import TrainConfig, plan_stages, sft_rows
+from worker.train import NoUsableData, TrainConfig, plan_stages, prompts_for_rl, sft_rows
 
 ALL_PASS = {"not_empty": 1.0, "on_topic": 1.0, "not_looping": 1.0, "finished": 1.0}
 
@@ -104,6 +104,14 @@ def test_best_of_k_and_the_gate_take_the_newest_distinct_prompts():
             {"messages": _conversation("four?", "A.")[0] + _conversation("four?", "A.")[1]}]
     assert [p[0]["content"] for p in unique_prompts(rows, 3)] == ["one?", "three?", "four?"]
     assert [p[0]["content"] for p in unique_prompts(rows, 10)] == ["two?", "one?", "three?", "four?"]
+    data = TrainingData()
+    data.kto.train = rows[:4]
+    data.sft.train = rows[4:]
+    newest = prompts_for_rl(TrainConfig(algorithm="rl", rl_prompts=2), data)  # thumbs last: they carry the time order
+    assert [p[0]["content"] for p in newest] == ["one?", "three?"]
+    assert plan_stages(TrainConfig(algorithm="rl"), data) == ["rl"]
+    with pytest.raises(NoUsableData, match="rl needs at least 1 training rows"):
+        plan_stages(TrainConfig(algorithm="rl"), TrainingData())
 
 
 def test_the_shipped_gate_prompts_load_and_share_no_topic_with_the_benchmarks_prompts():
