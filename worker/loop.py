@@ -179,11 +179,13 @@ class Worker:
                 raise NoUsableData(f"rl optimises the run's reward model, which must be trusted (held-out accuracy >= "
                                    f"{gate.min_judge_accuracy} on >= {gate.min_judge_rows} rows): "
                                    f"{_json(judged['reward_model'])}")
-            if gate.trusts(judge) and t.best_of_k > 1 and config.algorithm != "rl":  # rl samples on its own
-                judged["best_of_k"] = await asyncio.to_thread(
+            optimisable = judge if gate.trusts(judge) else None
+            if optimisable and t.best_of_k > 1 and "rl" not in plan_stages(config, data, trusted_judge=True):
+                judged["best_of_k"] = await asyncio.to_thread(  # rl samples on its own
                     self._best_of_k, judge, data, production["path"] if production else None, config)
             result = await asyncio.to_thread(train_adapter, config, data, self.settings.base_model, out_dir,
-                                             report, self.stop_training, parent["path"] if parent else None, judge)
+                                             report, self.stop_training, parent["path"] if parent else None,
+                                             optimisable)
             _write_lineage(out_dir, version=version, parent_version=row["parent_version"], run_id=run["id"],
                            data_until=data.data_until, config=config.as_dict(), counts=data.counts())
             # The bar to clear is what serves now: production, or the base when there is none.

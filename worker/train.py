@@ -1,17 +1,18 @@
 """LoRA training with TRL: SFT on edits, DPO on preference pairs, KTO on unpaired thumbs, RL, or `auto`.
 
-`auto` is built around SFT because that is what moves behaviour on the default model (shared/probes/learning.md:
+`auto` picks what moved behaviour on the default model. With users' edits it trains SFT (shared/probes/learning.md:
 SFT on edits took held-out approval 0% -> 94% where DPO on the same edits, at reward accuracy 1.0, gave 6% and KTO
-on thumbs nothing). Its SFT stage learns from users' edits, from the answers they approved (filtered behaviour
-cloning) and from best-of-k samples picked by the reward model (worker/sampling.py), so thumbs count too. DPO
-runs when there is nothing to imitate but enough pairs, KTO when there are only thumbs; either can be asked for.
+on thumbs nothing); that stage also learns from the answers users approved (filtered behaviour cloning) and from
+best-of-k samples picked by the reward model (worker/sampling.py). Without edits and with a trusted reward model it
+trains `rl`; without either, SFT on approved answers, else DPO on enough pairs, else KTO on thumbs. Each can be
+asked for.
 
 `rl` is on-policy RL against the run's reward model with TRL's GRPO (the maintained PPO-family trainer): for each
-training prompt users asked, the adapter samples ``rl_generations`` answers, the reward model scores them and the
-no-collapse checks (worker/checks.py) take points off broken ones, and each answer is pushed up or down by how it
-compares with its group. A KL pull (``beta``) toward the base keeps the adapter from drifting to whatever the reward
-model over-rates. It is asked for, not picked by `auto`: on this CPU a step samples ``batch_size * rl_generations``
-answers and costs far more than an SFT step (bench/loop.py --algorithm rl).
+of the newest ``rl_prompts`` prompts users asked, the adapter samples ``rl_generations`` answers, the reward model
+scores them and the no-collapse checks (worker/checks.py) take points off broken ones, and each answer is pushed
+up or down by how it compares with its group. A KL pull (``beta``) toward the base keeps the adapter from drifting
+to whatever the reward model over-rates. A step samples ``batch_size * rl_generations`` answers: about 40 s on a
+2-core CPU, a few seconds on a GPU.
 
 The adapter is trained on the base model (or continues the production adapter) and saved in plain PEFT format,
 which vLLM and LoRAX load unchanged. dtype and learning rate are set on purpose: TRL's CPU defaults (bf16, lr
@@ -139,8 +140,9 @@ def prompts_for_rl(config: TrainConfig, data: TrainingData) -> list[list[dict]]:
     return unique_prompts(data.dpo.train + data.sft.train + data.kto.train, config.rl_prompts)
 
 
-def plan_stages(config: TrainConfig, data: TrainingData) -> list[str]:
-    """Which trainers run, in order; NoUsableData if none can."""
+def plan_stages(config: TrainConfig, data: TrainingData, trusted_judge: bool = False) -> list[str]:
+    """Which trainers run, in order; NoUsableData if none can. ``trusted_judge``: the run has a reward model good
+    enough to optimise (worker/evaluate.py GateConfig.trusts), which auto uses for rl."""
     sft, dpo, kto = len(sft_rows(config, data)), len(data.dpo.train), len(data.kto.train)
     if config.algorithm != "auto":
         available = {"sft": sft, "dpo": dpo, "kto": kto, "rl": len(prompts_for_rl(config, data))}[config.algorithm]
@@ -149,9 +151,16 @@ def plan_stages(config: TrainConfig, data: TrainingData) -> list[str]:
             raise NoUsableData(f"{config.algorithm} needs at least {minimum} training rows, the feedback gives "
                                f"{available}")
         return [config.algorithm]
-    # Imitation moves behaviour most, and pairs still count through the reward model's best-of-k picks. A DPO stage
-    # after SFT pushed a 64-vote round past 10 minutes on a 2-core CPU (bench/loop.py), and DPO alone barely moved
-    # answers in shared/probes/learning.md: ask for it explicitly.
+    # Users' edits say exactly what they wanted: imitating them (with approved answers and best-of-k picks) moved
+    # held-out approval 4% -> 40% -> 73% over two 64-vote rounds (bench/loop.py, concise, 30% edits). Without edits
+    # there is little worth imitating: SFT on a few approved answers looped on everyday prompts and the gate refused
+    # it, twice, where rl against a trusted reward model moved thumbs-only approval 4% -> 31% in round 2. A DPO stage
+    # after SFT pushed a round past 10 minutes on a 2-core CPU, and DPO alone barely moved answers in
+    # shared/probes/learning.md: ask for it explicitly.
+    if data.sft.train:
+        return ["sft"]
+    if trusted_judge and prompts_for_rl(config, data):
+        return ["rl"]
     if sft:
         return ["sft"]
     if dpo >= config.min_dpo_pairs:
@@ -177,8 +186,8 @@ def train_adapter(config: TrainConfig, data: TrainingData, base_model: str, out_
                   parent_adapter: str | None = None, judge=None) -> TrainResult:
     """Train and save the adapter to ``out_dir``; Cancelled if ``stop`` is set, NoUsableData if nothing to learn.
 
-    ``judge``: the run's RewardModel (worker/reward.py), which the rl stage optimises; the caller decides it is
-    trustworthy enough for that.
+    ``judge``: the run's RewardModel (worker/reward.py), which the rl stage optimises: pass it only when it is
+    trustworthy enough for that (worker/evaluate.py GateConfig.trusts); auto then picks rl when there are no edits.
     """
     import datasets
     import torch
@@ -187,7 +196,7 @@ def train_adapter(config: TrainConfig, data: TrainingData, base_model: str, out_
 
     datasets.disable_progress_bars()
     stop = stop or threading.Event()
-    stages = plan_stages(config, data)
+    stages = plan_stages(config, data, trusted_judge=judge is not None)
     if "rl" in stages and judge is None:
         raise NoUsableData("rl needs a reward model to optimise, and this run has none")
     started = time.monotonic()

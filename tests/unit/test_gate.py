@@ -75,15 +75,19 @@ def test_sft_imitates_edits_approved_answers_and_best_of_k_once_each():
         "A plum.", "An apple."]
 
 
-def test_auto_learns_from_thumbs_by_imitating_approved_answers_and_falls_back_to_kto_without_any():
+def test_auto_learns_from_thumbs_with_rl_when_the_judge_is_trusted_else_by_imitating_approved_answers():
     data = TrainingData()
     for i in range(4):
         prompt, good = _conversation(f"Question {i}?", "Short.")
         data.kto.train += [{"prompt": prompt, "completion": good, "label": True},
                            {"prompt": prompt, "completion": [{"role": "assistant", "content": "Long."}],
                             "label": False}]
+    assert plan_stages(TrainConfig(), data, trusted_judge=True) == ["rl"]
     assert plan_stages(TrainConfig(), data) == ["sft"]
     assert plan_stages(TrainConfig(sft_on_approved=False), data) == ["kto"]
+    prompt, edit = _conversation("Question 0?", "Shorter.")
+    data.sft.train = [{"messages": prompt + edit}]  # an edit says exactly what users want: imitate it
+    assert plan_stages(TrainConfig(), data, trusted_judge=True) == ["sft"]
 
 
 def test_a_small_round_gets_min_steps_within_max_epochs_and_a_large_one_its_epochs():
