@@ -33,7 +33,7 @@ from service.runs import store as runs
 from service.settings import Settings
 from worker import rollout
 from worker.data import build_training_data, count_new_feedback
-from worker.evaluate import GateConfig, evaluate
+from worker.evaluate import GATE_PROMPTS, GateConfig, evaluate
 from worker.reward import RewardModel, RewardTrainConfig, preference_rows, train_reward_model
 from worker.train import Cancelled, NoUsableData, TrainConfig, plan_stages, train_adapter
 
@@ -173,7 +173,7 @@ class Worker:
             out_dir = self.settings.adapter_dir / str(version)
             loop = asyncio.get_running_loop()
             report = _Reporter(self, run["id"], loop)
-            gate = GateConfig(**({"gate_prompts": Path(t.gate_prompts).expanduser()} if t.gate_prompts else {}))
+            gate = GateConfig(gate_prompts=Path(t.gate_prompts).expanduser() if t.gate_prompts else GATE_PROMPTS)
             judge, judged = await asyncio.to_thread(self._train_judge, config, data, report)
             if config.algorithm == "rl" and not gate.trusts(judge):
                 raise NoUsableData(f"rl optimises the run's reward model, which must be trusted (held-out accuracy >= "
@@ -237,7 +237,7 @@ class Worker:
     def _best_of_k(self, judge: RewardModel, data, production_path: str | None, config: TrainConfig) -> dict:
         """Sample from what serves now, keep the judge's favourite per prompt as SFT rows (into ``data``)."""
         from service.engine.weights import load_pretrained
-        from worker.sampling import best_of_k, device, unique_prompts
+        from worker.sampling import best_of_k, device, newest_training_prompts
 
         t = self.settings.training
         started = time.monotonic()
@@ -246,8 +246,7 @@ class Worker:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, production_path).eval()
-        # thumbs last: they come with nearly every rated answer, in time order, so the newest prompts are sampled
-        prompts = unique_prompts(data.dpo.train + data.sft.train + data.kto.train, t.best_of_prompts)
+        prompts = newest_training_prompts(data, t.best_of_prompts)
         data.best_of_k, counts = best_of_k(model, tokenizer, judge, prompts, k=t.best_of_k,
                                            max_new_tokens=GateConfig.max_new_tokens, seed=config.seed)
         return {**counts, "seconds": round(time.monotonic() - started, 1)}

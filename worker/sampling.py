@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from worker.checks import neutral_checks
 
 Conversation = list[dict]
+SAMPLE_TEMPERATURE = 0.9  # for best-of-k and rl: answers varied enough to compare, still on topic
 
 
 @dataclass
@@ -76,8 +77,14 @@ def unique_prompts(rows: Sequence[dict], limit: int) -> list[Conversation]:
     return list(seen.values())[-limit:]
 
 
+def newest_training_prompts(data, limit: int) -> list[Conversation]:
+    """The newest ``limit`` distinct contexts users asked in ``data``'s (a TrainingData) training split, for best-of-k
+    and rl. Thumbs last: they come with nearly every rated answer, in time order, so the newest prompts are kept."""
+    return unique_prompts(data.dpo.train + data.sft.train + data.kto.train, limit)
+
+
 def best_of_k(model, tokenizer, judge, prompts: Sequence[Conversation], *, k: int, max_new_tokens: int,
-              temperature: float = 0.9, seed: int = 0) -> tuple[list[dict], dict]:
+              temperature: float = SAMPLE_TEMPERATURE, seed: int = 0) -> tuple[list[dict], dict]:
     """SFT rows ``{"messages": prompt + [best answer]}`` and counts: one row per prompt with a usable sample."""
     samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, k=k, temperature=temperature,
                        seed=seed)

@@ -133,11 +133,10 @@ def sft_rows(config: TrainConfig, data: TrainingData) -> list[dict]:
 
 
 def prompts_for_rl(config: TrainConfig, data: TrainingData) -> list[list[dict]]:
-    """What RL samples answers to: the newest ``rl_prompts`` distinct contexts users asked in the training split
-    (thumbs last, as for best-of-k: they come with nearly every rated answer, in time order)."""
-    from worker.sampling import unique_prompts
+    """What RL samples answers to: the newest ``rl_prompts`` distinct contexts users asked in the training split."""
+    from worker.sampling import newest_training_prompts
 
-    return unique_prompts(data.dpo.train + data.sft.train + data.kto.train, config.rl_prompts)
+    return newest_training_prompts(data, config.rl_prompts)
 
 
 def plan_stages(config: TrainConfig, data: TrainingData, trusted_judge: bool = False) -> list[str]:
@@ -247,6 +246,8 @@ def _trainer(stage, config: TrainConfig, model, tokenizer, data: TrainingData, p
     import torch
     from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
+    from worker.sampling import SAMPLE_TEMPERATURE
+
     batch_size = max(2, config.batch_size) if stage == "kto" else config.batch_size  # KTO's KL term needs a pair
     steps = None
     if stage == "sft":  # prompt/completion rows: the loss is on the answer only
@@ -276,7 +277,7 @@ def _trainer(stage, config: TrainConfig, model, tokenizer, data: TrainingData, p
         del common["max_length"]
         common["per_device_train_batch_size"] = batch_size * config.rl_generations
         args = GRPOConfig(**common, beta=config.beta, num_generations=config.rl_generations,
-                          max_completion_length=config.rl_max_new_tokens, temperature=RL_TEMPERATURE, top_k=0,
+                          max_completion_length=config.rl_max_new_tokens, temperature=SAMPLE_TEMPERATURE, top_k=0,
                           top_p=1.0, shuffle_dataset=True)
         return GRPOTrainer(model=model, reward_funcs=rl_rewards(judge, tokenizer, model), args=args,
                            train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
@@ -291,9 +292,6 @@ def _trainer(stage, config: TrainConfig, model, tokenizer, data: TrainingData, p
     dataset = datasets.Dataset.from_list(rows)
     return trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
-
-
-RL_TEMPERATURE = 0.9  # as best-of-k samples: varied enough to compare, still on topic
 
 
 def rl_rewards(judge, tokenizer, model) -> list:
