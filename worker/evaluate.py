@@ -17,11 +17,14 @@ benchmark saw on 48 (bench/loop.py); the fixed set makes every check count at le
 - when the run's reward model is trusted (held-out accuracy at least ``min_judge_accuracy``), it must prefer the
   candidate's answers on at least ``min_win_rate`` of the prompts (ties count half);
 - the candidate's answers to the fixed prompts must keep the operators' rules (``must`` / ``must_not`` regexes).
-Every metric is returned whatever the verdict, to be stored on the adapter row and shown to operators.
+Every metric is returned whatever the verdict, to be stored on the adapter row and shown to operators. Greedy
+answers are kept per model version (``answer_cache``): production's answers to the fixed prompts are generated once,
+not at every gate.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -29,7 +32,7 @@ from pathlib import Path
 
 from worker.checks import neutral_checks, pass_rates
 from worker.data import TrainingData
-from worker.sampling import device, generate, last_user_turn, unique_prompts
+from worker.sampling import Answer, device, generate, last_user_turn, unique_prompts
 
 # Fixed everyday prompts with plain reference answers: drift is measured on the same text for every candidate.
 KL_PROMPTS = [
@@ -60,6 +63,7 @@ class GateConfig:
     min_judge_accuracy: float = 0.7  # held-out accuracy that makes the reward model a judge...
     min_judge_rows: int = 8  # ...measured on at least this many held-out pairs
     min_win_rate: float = 0.55  # share of prompts where the judge must prefer the candidate (ties half)
+    answer_cache: Path | None = None  # folder keeping each model version's greedy answers; None: none kept
 
     def trusts(self, judge) -> bool:
         """Whether the run's reward model may judge (and pick best-of-k answers)."""
@@ -100,7 +104,8 @@ def evaluate(base_model: str, candidate: str, production: str | None, data: Trai
         prompts = heldout + [[{"role": "user", "content": c["prompt"]}] for c in cases]
         failures = []
         if prompts:
-            measured, answers = behaviour(model, tokenizer, prompts, bool(production), gate, judge)
+            versions = {"base": base_model, "candidate": candidate, "production": production}
+            measured, answers = behaviour(model, tokenizer, prompts, versions, gate, judge)
             metrics.update(measured, heldout_behaviour_prompts=len(heldout))
             failures = rule_failures(cases, answers[len(heldout):])
     metrics["rule_failures"] = failures
@@ -119,20 +124,23 @@ def evaluate(base_model: str, candidate: str, production: str | None, data: Trai
     return Verdict(not reasons, reasons, metrics)
 
 
-def behaviour(model, tokenizer, prompts: list[list[dict]], has_production: bool, gate: GateConfig,
+def behaviour(model, tokenizer, prompts: list[list[dict]], versions: dict[str, str | None], gate: GateConfig,
               judge) -> tuple[dict, list]:
-    """Greedy answers of candidate and production (or the base) to ``prompts``, compared; (metrics, candidate's)."""
-    def greedy():
-        return [a[0] for a in generate(model, tokenizer, prompts, max_new_tokens=gate.max_new_tokens)]
+    """Greedy answers of candidate and production (or the base) to ``prompts``, compared; (metrics, candidate's).
+
+    ``versions``: the adapter folder of "candidate" and of "production" (None: the base serves)."""
+    def greedy(adapter: str | None):
+        cache = gate.answer_cache / f"{version_key(versions['base'], adapter)}.json" if gate.answer_cache else None
+        return cached_greedy(model, tokenizer, prompts, gate.max_new_tokens, cache)
 
     model.set_adapter("candidate")
-    candidate = greedy()
-    if has_production:
+    candidate = greedy(versions["candidate"])
+    if versions["production"]:
         model.set_adapter("production")
-        served = greedy()
+        served = greedy(versions["production"])
     else:
         with model.disable_adapter():
-            served = greedy()
+            served = greedy(None)
     questions = [last_user_turn(p) for p in prompts]
     checked = {name: pass_rates([neutral_checks(q, a.text, a.finished) for q, a in zip(questions, answers,
                                                                                          strict=True)])
@@ -176,6 +184,37 @@ def behaviour_reasons(metrics: dict, gate: GateConfig, served: str) -> list[str]
                        f"{metrics['judge_accuracy']:.2f}) prefers its answers on {metrics['judge_win_rate']:.0%} of "
                        f"{n} prompts (at least {gate.min_win_rate:.0%} needed)")
     return reasons
+
+
+def version_key(base_model: str, adapter: str | None) -> str:
+    """Names one model version: the base's path and the adapter's checksum (its files, not its folder's name)."""
+    from service.adapters.files import adapter_digest
+
+    return hashlib.sha256(f"{base_model}\0{adapter_digest(adapter)[0] if adapter else ''}".encode()).hexdigest()[:32]
+
+
+def cached_greedy(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, cache: Path | None) -> list:
+    """Greedy answers of the active adapter, generated only for prompts ``cache`` (a JSON file) lacks.
+
+    Production answers the fixed gate prompts (and the held-out prompts of earlier rounds) run after run, and a
+    promoted candidate already answered them at its own gate: keeping them saves most of a gate's generation on a
+    CPU. An unreadable cache counts as empty."""
+    try:
+        kept = json.loads(cache.read_text()) if cache and cache.exists() else {}
+    except (OSError, ValueError):
+        kept = {}
+    keys = [json.dumps([p, max_new_tokens], sort_keys=True) for p in prompts]
+    missing = [i for i, k in enumerate(keys) if not isinstance(kept.get(k), dict)]
+    if missing:
+        answers = generate(model, tokenizer, [prompts[i] for i in missing], max_new_tokens=max_new_tokens)
+        kept.update({keys[i]: {"text": a[0].text, "finished": a[0].finished} for i, a in zip(missing, answers,
+                                                                                             strict=True)})
+        if cache:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            scratch = cache.with_suffix(".tmp")
+            scratch.write_text(json.dumps(kept))
+            scratch.replace(cache)  # atomic: a killed gate leaves the old file or the new one
+    return [Answer(kept[k]["text"], bool(kept[k]["finished"])) for k in keys]
 
 
 def _mean_words(answers) -> float:

@@ -173,7 +173,8 @@ class Worker:
             out_dir = self.settings.adapter_dir / str(version)
             loop = asyncio.get_running_loop()
             report = _Reporter(self, run["id"], loop)
-            gate = GateConfig(gate_prompts=Path(t.gate_prompts).expanduser() if t.gate_prompts else GATE_PROMPTS)
+            gate = GateConfig(gate_prompts=Path(t.gate_prompts).expanduser() if t.gate_prompts else GATE_PROMPTS,
+                              answer_cache=self.settings.data_dir / "gate-answers")
             judge, judged = await asyncio.to_thread(self._train_judge, config, data, report)
             if config.algorithm == "rl" and not gate.trusts(judge):
                 raise NoUsableData(f"rl optimises the run's reward model, which must be trusted (held-out accuracy >= "

@@ -40,6 +40,9 @@ Algorithm = Literal["auto", "sft", "dpo", "kto", "rl"]
 # RL: 1e-4 for 4 steps left thumbs-only approval at 4% -> 6%; 5e-4 for 10 steps gave 4% -> 25% (concise users,
 # 56 thumbed prompts, 48 held-out prompts, on topic 1.00 -> 0.92)
 DEFAULT_LR = {"sft": 3e-4, "dpo": 5e-5, "kto": 5e-5, "rl": 5e-4}
+# Points an rl answer loses per failed no-collapse check: more than the spread of the judge's scores within a group
+# (std about 1.5), so an answer that breaks a check loses to a sound one the judge liked a little less.
+COLLAPSE_PENALTY = 2.0
 
 
 class NoUsableData(Exception):
@@ -68,11 +71,16 @@ class TrainConfig:
     max_epochs: float = field(default=8.0, metadata={"help": "Passes min_steps may stretch to: a handful of rows "
                                                              "is not memorised."})
     batch_size: int = field(default=4, metadata={"help": "Rows (pairs for DPO, prompts for RL) per step."})
-    beta: float = field(default=0.1, metadata={"help": "DPO/KTO/RL strength of the pull toward the reference."})
+    beta: float = field(default=0.1, metadata={"help": "DPO/KTO strength of the pull toward the reference."})
     rl_generations: int = field(default=4, metadata={"help": "RL: answers sampled per prompt, each judged against "
                                                              "its group."})
     rl_prompts: int = field(default=40, metadata={"help": "RL: the newest distinct prompts users asked that a run "
                                                           "samples answers to, in one pass."})
+    rl_iterations: int = field(default=1, metadata={"help": "RL: optimizer steps on each batch of sampled answers "
+                                                            "(GRPO's mu, clipped like PPO); sampling is most of a "
+                                                            "step's cost on a CPU."})
+    rl_beta: float = field(default=0.1, metadata={"help": "RL: strength of the KL pull toward the base; 0 skips "
+                                                          "the reference pass."})
     rl_max_new_tokens: int = field(default=128, metadata={"help": "RL: tokens per sampled answer; one cut off here "
                                                                   "counts as unfinished, as at the gate."})
     max_length: int = field(default=256, metadata={"help": "Tokens per row (prompt + answer), truncated beyond."})
@@ -97,7 +105,7 @@ class TrainConfig:
             "max_steps": self.max_steps is None or self.max_steps >= 1, "batch_size": self.batch_size >= 1,
             "min_steps": self.min_steps >= 1, "max_epochs": self.max_epochs > 0,
             "beta": self.beta > 0, "max_length": self.max_length >= 16, "rl_generations": self.rl_generations >= 2,
-            "rl_prompts": self.rl_prompts >= 1,
+            "rl_prompts": self.rl_prompts >= 1, "rl_iterations": self.rl_iterations >= 1, "rl_beta": self.rl_beta >= 0,
             "rl_max_new_tokens": self.rl_max_new_tokens >= 8,
             "start_from": self.start_from in ("base", "production"), "dtype": self.dtype in ("float32", "bfloat16"),
         }
@@ -258,7 +266,7 @@ def _trainer(stage, config: TrainConfig, model, tokenizer, data: TrainingData, p
         rows = [{"prompt": p} for p in prompts_for_rl(config, data)]
         # RL samples every answer it learns from: one pass over the prompts (rl_generations answers each) is its
         # budget, 10 steps and about 7 minutes on a 2-core CPU at the defaults.
-        steps = config.max_steps or math.ceil(len(rows) / batch_size)
+        steps = config.max_steps or math.ceil(len(rows) / batch_size) * config.rl_iterations
     else:
         rows = data.dpo.train
     common = dict(
@@ -276,7 +284,8 @@ def _trainer(stage, config: TrainConfig, model, tokenizer, data: TrainingData, p
         # A step takes batch_size prompts with rl_generations answers each; answers are bounded by their own length.
         del common["max_length"]
         common["per_device_train_batch_size"] = batch_size * config.rl_generations
-        args = GRPOConfig(**common, beta=config.beta, num_generations=config.rl_generations,
+        args = GRPOConfig(**common, beta=config.rl_beta, num_iterations=config.rl_iterations,
+                          num_generations=config.rl_generations,
                           max_completion_length=config.rl_max_new_tokens, temperature=SAMPLE_TEMPERATURE, top_k=0,
                           top_p=1.0, shuffle_dataset=True)
         return GRPOTrainer(model=model, reward_funcs=rl_rewards(judge, tokenizer, model), args=args,
@@ -295,8 +304,8 @@ def _trainer(stage, config: TrainConfig, model, tokenizer, data: TrainingData, p
 
 
 def rl_rewards(judge, tokenizer, model) -> list:
-    """GRPO's reward functions: the judge's score, and minus one per failed no-collapse check (an unfinished,
-    looping, empty or off-topic answer must not win its group because the judge liked its first words)."""
+    """GRPO's reward functions: the judge's score, and ``COLLAPSE_PENALTY`` off per failed no-collapse check (an
+    unfinished, looping, empty or off-topic answer must not win its group because the judge liked its first words)."""
     from service.engine.weights import stop_token_ids
     from worker.checks import neutral_checks
     from worker.sampling import last_user_turn
@@ -307,8 +316,8 @@ def rl_rewards(judge, tokenizer, model) -> list:
         return judge.score(prompts, [c[-1]["content"] for c in completions])
 
     def no_collapse(prompts, completions, completion_ids, **_):
-        return [-float(sum(not ok for ok in neutral_checks(last_user_turn(p), c[-1]["content"],
-                                                           bool(ids) and ids[-1] in stop_ids).values()))
+        return [-COLLAPSE_PENALTY * sum(not ok for ok in neutral_checks(last_user_turn(p), c[-1]["content"],
+                                                                      bool(ids) and ids[-1] in stop_ids).values())
                 for p, c, ids in zip(prompts, completions, completion_ids, strict=True)]
 
     return [judge_score, no_collapse]

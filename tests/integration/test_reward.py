@@ -131,7 +131,7 @@ def test_rl_optimises_the_judge_and_takes_points_off_broken_answers(default_mode
     from safetensors.torch import load_file
 
     from service.engine.weights import load_pretrained
-    from worker.train import NoUsableData, TrainConfig, rl_rewards, train_adapter
+    from worker.train import COLLAPSE_PENALTY, NoUsableData, TrainConfig, rl_rewards, train_adapter
 
     result, data, _, _ = trained
     judge = RewardModel(result.path, str(default_model))
@@ -141,10 +141,12 @@ def test_rl_optimises_the_judge_and_takes_points_off_broken_answers(default_mode
     answers = ["The capital of Japan is Tokyo.", "blah " * 12]
     completions = [[{"role": "assistant", "content": a}] for a in answers]
     # the good answer ended with end-of-turn; the other is off topic, looping and was cut off
-    assert no_collapse(prompts, completions, [[464, tokenizer.eos_token_id], [464, 464]]) == [0.0, -3.0]
+    assert no_collapse(prompts, completions, [[464, tokenizer.eos_token_id], [464, 464]]) == [0.0, -3 * COLLAPSE_PENALTY]
     assert judge_score(prompts, completions) == judge.score(prompts, answers)
 
-    config = TrainConfig(algorithm="rl", max_steps=2, batch_size=2, rl_generations=2, rl_max_new_tokens=16)
+    # two optimizer steps on one sampled batch (rl_iterations): the second reuses the answers, clipped like PPO
+    config = TrainConfig(algorithm="rl", max_steps=2, batch_size=2, rl_generations=2, rl_max_new_tokens=16,
+                         rl_iterations=2)
     with pytest.raises(NoUsableData, match="rl needs a reward model"):
         train_adapter(config, data, str(default_model), tmp_path / "none")
     progress = []
@@ -153,7 +155,7 @@ def test_rl_optimises_the_judge_and_takes_points_off_broken_answers(default_mode
     assert trained_rl.stages[0]["algorithm"] == "rl" and trained_rl.stages[0]["steps"] == 2
     assert trained_rl.stages[0]["rows"] == len(TRAIN)  # one row per distinct prompt users asked (16 <= rl_prompts)
     logged = [p for p in progress if "rewards/judge_score/mean" in p]
-    assert len(logged) == 2 and all(math.isfinite(p["rewards/judge_score/mean"]) for p in logged)
-    assert all(-4 <= p["rewards/no_collapse/mean"] <= 0 for p in logged)
+    assert len(logged) == 1 and math.isfinite(logged[0]["rewards/judge_score/mean"])  # sampled once
+    assert -4 * COLLAPSE_PENALTY <= logged[0]["rewards/no_collapse/mean"] <= 0
     weights = load_file(str(tmp_path / "rl" / "adapter_model.safetensors"))
     assert any(t.abs().sum() > 0 for name, t in weights.items() if "lora_B" in name)  # B starts at zero: it moved

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from safetensors.torch import load_file
 
 from worker.data import TrainingData
-from worker.evaluate import GateConfig, _Scorer, evaluate
+from worker.evaluate import GateConfig, _Scorer, evaluate, version_key
 from worker.train import NoUsableData, TrainConfig, plan_stages, train_adapter
 
 pytestmark = pytest.mark.slow
@@ -134,6 +136,31 @@ def test_the_gate_prompts_catch_a_collapse_the_held_out_prompts_are_too_few_to_s
     assert any(r.startswith("collapse check 'on_topic'") for r in verdict.reasons), verdict.reasons
 
 
+def test_the_gate_keeps_each_versions_greedy_answers_and_survives_a_corrupt_cache(default_model, tmp_path):
+    """Production answers the same prompts run after run: the gate generates them once per model version."""
+    data = concise_preference()
+    data.dpo.heldout = concise_preference(*HELDOUT).dpo.train
+    train_adapter(TrainConfig(algorithm="sft", **TINY), data, str(default_model), tmp_path / "a")
+    gate = GateConfig(gate_prompts=None, max_new_tokens=24, answer_cache=tmp_path / "cache")
+    first = evaluate(str(default_model), str(tmp_path / "a"), None, data, gate)
+    base_file = tmp_path / "cache" / f"{version_key(str(default_model), None)}.json"
+    candidate_file = tmp_path / "cache" / f"{version_key(str(default_model), str(tmp_path / 'a'))}.json"
+    assert sorted((tmp_path / "cache").glob("*.json")) == sorted([base_file, candidate_file])
+    kept = json.loads(base_file.read_text())
+    assert len(kept) == 3
+    kept[next(iter(kept))]["text"] = "From the cache."  # the first held-out prompt's answer
+    base_file.write_text(json.dumps(kept))
+
+    second = evaluate(str(default_model), str(tmp_path / "a"), None, data, gate)
+    assert second.metrics["examples"][0]["production"] == "From the cache."
+    assert [e["candidate"] for e in second.metrics["examples"]] == [e["candidate"] for e in first.metrics["examples"]]
+
+    base_file.write_text("{not json")
+    third = evaluate(str(default_model), str(tmp_path / "a"), None, data, gate)
+    assert third.metrics["examples"] == first.metrics["examples"]  # regenerated, and the file rewritten
+    assert len(json.loads(base_file.read_text())) == 3
+
+
 def test_gate_prompt_rules_can_veto_a_candidate(default_model, tmp_path):
     data = concise_preference()
     data.dpo.heldout = data.dpo.train[:2]
@@ -160,7 +187,7 @@ def test_auto_plans_from_the_data_and_says_why_when_it_cannot():
 
 @pytest.mark.parametrize(("field", "value"), [("lora_r", 0), ("learning_rate", 2.0), ("algorithm", "ppo"),
                                               ("batch_size", 0), ("max_length", 4), ("algorithm", "ppo"),
-                                              ("rl_generations", 1)])
+                                              ("rl_generations", 1), ("rl_iterations", 0), ("rl_beta", -0.1)])
 def test_train_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
         TrainConfig(**{field: value})
