@@ -141,7 +141,8 @@ def test_rl_optimises_the_judge_and_takes_points_off_broken_answers(default_mode
     answers = ["The capital of Japan is Tokyo.", "blah " * 12]
     completions = [[{"role": "assistant", "content": a}] for a in answers]
     # the good answer ended with end-of-turn; the other is off topic, looping and was cut off
-    assert no_collapse(prompts, completions, [[464, tokenizer.eos_token_id], [464, 464]]) == [0.0, -3 * COLLAPSE_PENALTY]
+    ended_and_cut_off = [[464, tokenizer.eos_token_id], [464, 464]]
+    assert no_collapse(prompts, completions, ended_and_cut_off) == [0.0, -3 * COLLAPSE_PENALTY]
     assert judge_score(prompts, completions) == judge.score(prompts, answers)
 
     # two optimizer steps on one sampled batch (rl_iterations): the second reuses the answers, clipped like PPO
