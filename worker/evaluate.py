@@ -203,10 +203,11 @@ def cached_greedy(model, tokenizer, prompts: list[list[dict]], max_new_tokens: i
         kept = json.loads(cache.read_text()) if cache and cache.exists() else {}
     except (OSError, ValueError):
         kept = {}
-    kept = {k: v for k, v in kept.items() if isinstance(v, dict) and isinstance(v.get("text"), str)} \
-        if isinstance(kept, dict) else {}
+    if not isinstance(kept, dict):
+        kept = {}
     keys = [json.dumps([p, max_new_tokens], sort_keys=True) for p in prompts]
-    missing = [i for i, k in enumerate(keys) if k not in kept]
+    missing = [i for i, k in enumerate(keys) if not isinstance(kept.get(k), dict) or
+               not isinstance(kept[k].get("text"), str)]
     if missing:
         answers = generate(model, tokenizer, [prompts[i] for i in missing], max_new_tokens=max_new_tokens)
         kept.update({keys[i]: {"text": a[0].text, "finished": a[0].finished} for i, a in zip(missing, answers,

@@ -1,0 +1,111 @@
+"""Replay one learning-benchmark round offline and compare rl settings on the same votes and the same judge.
+
+``bench/loop.py`` keeps its database (``flywheel_loop_bench``) and data folder (``bench/results/loop-data``) after a
+run. This script rebuilds the worker's training data from that database exactly as a run does, takes the newest
+reward model the run trained, and for the defaults (the baseline) and each ``--variant`` trains ``rl`` with
+``worker.train.train_adapter``; then the adapter answers the benchmark's held-out prompts greedily, judged by the
+hidden preference (approval), with mean words and the no-collapse checks. Ratios are against the baseline of the
+same run. The replay is deterministic: the defaults reproduce the loop bench's own round exactly.
+
+Run (after ``python bench/loop.py --preference concise --edit-rate 0 --rounds 2``):
+``python bench/rl_replay.py --variant lr1e3:learning_rate=0.001 iter2:rl_iterations=2`` (minutes per variant).
+Writes JSON to bench/results/rl-replay-<UTC timestamp>.json (or --out).
+"""
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+from prompts import load_prompts, split  # bench/prompts.py, bench/users.py, bench/serve.py: siblings
+from serve import format_table
+from users import PREFERENCES, make_user, neutral_checks, words
+
+from service.settings import Settings
+from worker.data import build_training_data
+from worker.reward import RewardModel
+from worker.sampling import generate
+from worker.train import TrainConfig, train_adapter
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``name:key=value,key=value`` (values as JSON) -> (name, TrainConfig overrides)."""
+    name, _, sets = text.partition(":")
+    return name, {k: json.loads(v) for k, v in (s.split("=", 1) for s in sets.split(",") if s)}
+
+
+def replay(name: str, overrides: dict, data, judge, args, heldout: list[str]) -> dict:
+    from peft import PeftModel
+
+    from service.engine.weights import load_pretrained
+
+    out = RESULTS_DIR / "rl-replay" / name
+    started = time.perf_counter()
+    progress: list[dict] = []
+    steps = {"max_steps": args.max_steps} if args.max_steps else {}
+    result = train_adapter(TrainConfig(**{"algorithm": "rl", **steps, **overrides}), data, args.base_model, out,
+                           on_progress=progress.append, judge=judge)
+    seconds = time.perf_counter() - started
+    model, tokenizer = load_pretrained(args.base_model, device="cpu")
+    model = PeftModel.from_pretrained(model, str(out)).eval()
+    answers = [a[0] for a in generate(model, tokenizer, [[{"role": "user", "content": q}] for q in heldout],
+                                      max_new_tokens=args.max_tokens)]
+    user = make_user(args.preference, 0.0, seed=0)
+    checks = [neutral_checks(q, a.text, a.finished) for q, a in zip(heldout, answers, strict=True)]
+    return {"name": name, "overrides": overrides, "train_s": seconds, "steps": result.stages[0]["steps"],
+            "approval": sum(user.approves(q, a.text) for q, a in zip(heldout, answers, strict=True)) / len(heldout),
+            "mean_words": sum(len(words(a.text)) for a in answers) / len(answers),
+            "neutral": {k: sum(c[k] for c in checks) / len(checks) for k in checks[0]},
+            "reward_per_step": [p["reward"] for p in progress if "reward" in p]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", nargs="*", default=[], help="name:key=value,... (TrainConfig fields)")
+    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/flywheel_loop_bench")
+    parser.add_argument("--reward-dir", type=Path, default=RESULTS_DIR / "loop-data" / "reward")
+    parser.add_argument("--max-steps", type=int, help="steps for every variant, the baseline too (a quick check)")
+    parser.add_argument("--preference", choices=sorted(PREFERENCES), default="concise")
+    parser.add_argument("--heldout", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    settings = Settings.from_env({})  # defaults: the model `flywheel model fetch-default` provisions
+    args.base_model, training = settings.base_model, settings.training
+
+    async def load():
+        conn = await asyncpg.connect(args.database_url)
+        try:
+            return await build_training_data(conn, training.heldout_fraction, training.max_owner_share)
+        finally:
+            await conn.close()
+
+    data = asyncio.run(load())
+    judge = RewardModel.latest(args.reward_dir, args.base_model)
+    if judge is None:
+        raise SystemExit(f"no reward model under {args.reward_dir}: run bench/loop.py first")
+    heldout = [p.text for p in split(load_prompts())["heldout"]][: args.heldout]
+    runs = [replay(name, sets, data, judge, args, heldout)
+            for name, sets in [("defaults", {}), *map(parse_variant, args.variant)]]
+    base = runs[0]
+    rows = [[r["name"], r["steps"], r["train_s"], r["train_s"] / base["train_s"], r["approval"],
+             r["approval"] - base["approval"], r["mean_words"], r["neutral"]["on_topic"], r["neutral"]["not_looping"],
+             r["neutral"]["finished"]] for r in runs]
+    print(format_table(["variant", "steps", "train s", "x time", "approval", "vs base", "words", "on topic",
+                        "not looping", "finished"], rows))
+    out = args.out or RESULTS_DIR / f"rl-replay-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"judge_version": judge.version, "judge_heldout_accuracy": judge.heldout_accuracy,
+                               "counts": data.counts(), "heldout_prompts": len(heldout), "runs": runs}, indent=1))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
