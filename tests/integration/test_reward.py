@@ -145,15 +145,16 @@ def test_rl_optimises_the_judge_and_takes_points_off_broken_answers(default_mode
     assert no_collapse(prompts, completions, ended_and_cut_off) == [0.0, -3 * COLLAPSE_PENALTY]
     assert judge_score(prompts, completions) == judge.score(prompts, answers)
 
-    # two optimizer steps on one sampled batch (rl_iterations): the second reuses the answers, clipped like PPO
-    config = TrainConfig(algorithm="rl", max_steps=2, batch_size=2, rl_generations=2, rl_max_new_tokens=16,
-                         rl_iterations=2)
+    # four optimizer steps on one sampled batch: two steps' answers sampled at once (rl_sample_steps, cut from 50 to
+    # what the 16 prompts fill), each batch used twice (rl_iterations); later steps are clipped like PPO
+    config = TrainConfig(algorithm="rl", max_steps=4, batch_size=2, rl_generations=2, rl_max_new_tokens=16,
+                         rl_iterations=2, rl_sample_steps=50)
     with pytest.raises(NoUsableData, match="rl needs a reward model"):
         train_adapter(config, data, str(default_model), tmp_path / "none")
     progress = []
     trained_rl = train_adapter(config, data, str(default_model), tmp_path / "rl", on_progress=progress.append,
                                judge=judge)
-    assert trained_rl.stages[0]["algorithm"] == "rl" and trained_rl.stages[0]["steps"] == 2
+    assert trained_rl.stages[0]["algorithm"] == "rl" and trained_rl.stages[0]["steps"] == 4
     assert trained_rl.stages[0]["rows"] == len(TRAIN)  # one row per distinct prompt users asked (16 <= rl_prompts)
     logged = [p for p in progress if "rewards/judge_score/mean" in p]
     assert len(logged) == 1 and math.isfinite(logged[0]["rewards/judge_score/mean"])  # sampled once

@@ -187,7 +187,8 @@ def test_auto_plans_from_the_data_and_says_why_when_it_cannot():
 
 @pytest.mark.parametrize(("field", "value"), [("lora_r", 0), ("learning_rate", 2.0), ("algorithm", "ppo"),
                                               ("batch_size", 0), ("max_length", 4), ("algorithm", "ppo"),
-                                              ("rl_generations", 1), ("rl_iterations", 0), ("rl_beta", -0.1)])
+                                              ("rl_generations", 1), ("rl_iterations", 0), ("rl_sample_steps", 0),
+                                              ("rl_beta", -0.1)])
 def test_train_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
         TrainConfig(**{field: value})
