@@ -145,8 +145,8 @@ def test_rl_optimises_the_judge_and_takes_points_off_broken_answers(default_mode
     assert no_collapse(prompts, completions, ended_and_cut_off) == [0.0, -3 * COLLAPSE_PENALTY]
     assert judge_score(prompts, completions) == judge.score(prompts, answers)
 
-    # four optimizer steps on one sampled batch: two steps' answers sampled at once (rl_sample_steps, cut from 50 to
-    # what the 16 prompts fill), each batch used twice (rl_iterations); later steps are clipped like PPO
+    # four optimizer steps on one sampling: answers for 8 steps sampled at once (rl_sample_steps 50, cut to what the
+    # 16 prompts fill), each step's share used twice (rl_iterations); later steps are clipped like PPO
     config = TrainConfig(algorithm="rl", max_steps=4, batch_size=2, rl_generations=2, rl_max_new_tokens=16,
                          rl_iterations=2, rl_sample_steps=50)
     with pytest.raises(NoUsableData, match="rl needs a reward model"):
