@@ -14,8 +14,8 @@ benchmark saw on 48 (bench/loop.py); the fixed set makes every check count at le
   not worth a rollout);
 - no no-collapse check (worker/checks.py: not empty, on topic, not looping, finished) may pass on more than
   ``max_neutral_drop`` fewer of its answers than production's;
-- when the run's reward model is trusted (held-out accuracy at least ``min_judge_accuracy``), it must prefer the
-  candidate's answers on at least ``min_win_rate`` of the prompts (ties count half);
+- when the run's reward model is trusted (held-out accuracy above ``min_judge_accuracy`` with 95% confidence), it
+  must prefer the candidate's answers on at least ``min_win_rate`` of the prompts (ties count half);
 - the candidate's answers to the fixed prompts must keep the operators' rules (``must`` / ``must_not`` regexes).
 Every metric is returned whatever the verdict, to be stored on the adapter row and shown to operators. Greedy
 answers are kept per model version (``answer_cache``): production's answers to the fixed prompts are generated once,
@@ -60,14 +60,14 @@ class GateConfig:
     behaviour_prompts: int = 32  # held-out prompts answered by candidate and production (besides gate_prompts)
     min_changed: float = 0.1  # share of those answers the candidate must change
     max_neutral_drop: float = 0.1  # largest fall in any no-collapse check's pass rate
-    min_judge_accuracy: float = 0.7  # held-out accuracy that makes the reward model a judge...
-    min_judge_rows: int = 8  # ...measured on at least this many held-out pairs
+    # held-out accuracy the reward model must beat with 95% confidence to judge: chance is 0.5
+    min_judge_accuracy: float = 0.6
     min_win_rate: float = 0.55  # share of prompts where the judge must prefer the candidate (ties half)
     answer_cache: Path | None = None  # folder keeping each model version's greedy answers; None: none kept
 
     def trusts(self, judge) -> bool:
         """Whether the run's reward model may judge (and pick best-of-k answers)."""
-        return judge is not None and judge.trusted(self.min_judge_accuracy, self.min_judge_rows)
+        return judge is not None and judge.trusted(self.min_judge_accuracy)
 
 
 @dataclass

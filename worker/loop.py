@@ -177,8 +177,8 @@ class Worker:
                               answer_cache=self.settings.data_dir / "gate-answers")
             judge, judged = await asyncio.to_thread(self._train_judge, config, data, report)
             if config.algorithm == "rl" and not gate.trusts(judge):
-                raise NoUsableData(f"rl optimises the run's reward model, which must be trusted (held-out accuracy >= "
-                                   f"{gate.min_judge_accuracy} on >= {gate.min_judge_rows} rows): "
+                raise NoUsableData(f"rl optimises the run's reward model, which must be trusted (held-out accuracy "
+                                   f"above {gate.min_judge_accuracy} with 95% confidence): "
                                    f"{_json(judged['reward_model'])}")
             optimisable = judge if gate.trusts(judge) else None
             if optimisable and t.best_of_k > 1 and "rl" not in plan_stages(config, data, trusted_judge=True):

@@ -214,12 +214,10 @@ class RewardModel:
         done = versions(root)
         return cls(root / str(done[-1]), base_model) if done else None
 
-    def trusted(self, min_accuracy: float, min_rows: int) -> bool:
-        """Whether its held-out accuracy clears ``min_accuracy`` on at least ``min_rows`` held-out pairs: a few
-        lucky pairs prove nothing (unmeasured never does)."""
+    def trusted(self, min_accuracy: float) -> bool:
         counts = self.info.get("counts", {})
-        rows = counts.get("heldout_pairs", 0) + counts.get("heldout_thumb_pairs", 0)
-        return self.heldout_accuracy is not None and self.heldout_accuracy >= min_accuracy and rows >= min_rows
+        return confidently_above(self.heldout_accuracy, counts.get("heldout_pairs", 0)
+                                 + counts.get("heldout_thumb_pairs", 0), min_accuracy)
 
     def score(self, prompts: Sequence[Conversation], answers: Sequence[str]) -> list[float]:
         if len(prompts) != len(answers):
@@ -227,6 +225,17 @@ class RewardModel:
         return self._scorer.score([[*p, {"role": "assistant", "content": a}] for p, a in zip(prompts, answers,
                                                                                                strict=True)],
                                   self.batch_size)
+
+
+def confidently_above(accuracy: float | None, rows: int, minimum: float) -> bool:
+    """Whether a held-out accuracy beats ``minimum`` with 95% confidence (its Wilson lower bound): 7 of 7 held-out
+    pairs right clears 0.6 where 4 of 4 or 20 of 28 do not, so a judge is trusted on a few pairs only when it gets
+    them all right (unmeasured never is)."""
+    from service.feedback.stats import wilson_interval
+
+    if accuracy is None or rows <= 0:
+        return False
+    return wilson_interval(round(accuracy * rows), rows)[0] >= minimum
 
 
 def versions(root: Path) -> list[int]:

@@ -10,6 +10,7 @@ from bench.prompts import load_prompts
 from worker.checks import keywords
 from worker.data import TrainingData
 from worker.evaluate import GATE_PROMPTS, GateConfig, behaviour_reasons, load_gate_prompts, rule_failures
+from worker.reward import confidently_above
 from worker.sampling import Answer, unique_prompts
 from worker.train import NoUsableData, TrainConfig, plan_stages, prompts_for_rl, sft_rows
 
@@ -51,6 +52,14 @@ def test_a_trusted_judge_must_prefer_the_candidate_by_the_margin():
     assert "reward model (v3, held-out accuracy 0.82) prefers its answers on 50% of 20" in reason
     assert behaviour_reasons({**judged, "judge_win_rate": 0.55}, GateConfig(), "production") == []
     assert behaviour_reasons(_metrics(judge_version=3, judge_accuracy=0.5), GateConfig(), "production") == []
+
+
+def test_a_judge_is_trusted_when_its_held_out_accuracy_is_confidently_above_the_bar():
+    bar = GateConfig().min_judge_accuracy
+    assert confidently_above(1.0, 7, bar)  # a thumbs-only round of 64 votes holds out about 7 pairs
+    assert not confidently_above(1.0, 5, bar)  # all right, but 5 pairs prove little
+    assert confidently_above(13 / 14, 14, bar) and not confidently_above(20 / 28, 28, bar)
+    assert not confidently_above(None, 0, bar) and not confidently_above(1.0, 0, bar)
 
 
 def test_nothing_measured_gives_no_behaviour_reason():
