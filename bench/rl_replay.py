@@ -9,6 +9,9 @@ same run. The replay is deterministic: the defaults reproduce the loop bench's o
 
 Run (after ``python bench/loop.py --preference concise --edit-rate 0 --rounds 2``):
 ``python bench/rl_replay.py --variant lr1e3:learning_rate=0.001 iter2:rl_iterations=2`` (minutes per variant).
+A variant may train another algorithm on the same round, e.g. rejection sampling:
+``bok:algorithm=sft,best_of_k=4`` samples 4 answers to each of the newest 32 training prompts, keeps the judge's
+favourite finished one per prompt (worker/sampling.py, as the worker does) and trains SFT on them.
 Writes JSON to bench/results/rl-replay-<UTC timestamp>.json (or --out).
 """
 
@@ -28,7 +31,7 @@ from users import PREFERENCES, make_user, neutral_checks, words
 from service.settings import Settings
 from worker.data import build_training_data
 from worker.reward import RewardModel
-from worker.sampling import generate
+from worker.sampling import best_of_k, generate, newest_training_prompts
 from worker.train import TrainConfig, train_adapter
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -49,16 +52,21 @@ def replay(name: str, overrides: dict, data, judge, args, heldout: list[str]) ->
     started = time.perf_counter()
     progress: list[dict] = []
     steps = {"max_steps": args.max_steps} if args.max_steps else {}
-    result = train_adapter(TrainConfig(**{"algorithm": "rl", **steps, **overrides}), data, args.base_model, out,
-                           on_progress=progress.append, judge=judge)
-    seconds = time.perf_counter() - started
+    config = {"algorithm": "rl", **steps, **overrides}
+    k = config.pop("best_of_k", 0)  # the worker's FLYWHEEL_BEST_OF_K: the judge's picks of k samples become SFT rows
     model, tokenizer = load_pretrained(args.base_model, device="cpu")
+    data.best_of_k = best_of_k(model, tokenizer, judge, newest_training_prompts(data, args.best_of_prompts), k=k,
+                               max_new_tokens=args.max_tokens, seed=config.get("seed", 0))[0] if k > 1 else []
+    result = train_adapter(TrainConfig(**config), data, args.base_model, out, on_progress=progress.append,
+                           judge=judge)
+    seconds = time.perf_counter() - started
     model = PeftModel.from_pretrained(model, str(out)).eval()
     answers = [a[0] for a in generate(model, tokenizer, [[{"role": "user", "content": q}] for q in heldout],
                                       max_new_tokens=args.max_tokens)]
     user = make_user(args.preference, 0.0, seed=0)
     checks = [neutral_checks(q, a.text, a.finished) for q, a in zip(heldout, answers, strict=True)]
     return {"name": name, "overrides": overrides, "train_s": seconds, "steps": result.stages[0]["steps"],
+            "rows": result.stages[0]["rows"],
             "approval": sum(user.approves(q, a.text) for q, a in zip(heldout, answers, strict=True)) / len(heldout),
             "mean_words": sum(len(words(a.text)) for a in answers) / len(answers),
             "neutral": {k: sum(c[k] for c in checks) / len(checks) for k in checks[0]},
@@ -67,12 +75,14 @@ def replay(name: str, overrides: dict, data, judge, args, heldout: list[str]) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", nargs="*", default=[], help="name:key=value,... (TrainConfig fields)")
+    parser.add_argument("--variant", nargs="*", default=[], help="name:key=value,... (TrainConfig fields, and "
+                        "best_of_k=K: sample K answers per prompt first, the judge's favourite an SFT row)")
     parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/flywheel_loop_bench")
     parser.add_argument("--reward-dir", type=Path, default=RESULTS_DIR / "loop-data" / "reward")
     parser.add_argument("--max-steps", type=int, help="steps for every variant, the baseline too (a quick check)")
     parser.add_argument("--preference", choices=sorted(PREFERENCES), default="concise")
     parser.add_argument("--heldout", type=int, default=48)
+    parser.add_argument("--best-of-prompts", type=int, default=32, help="prompts a best_of_k variant samples")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -94,10 +104,10 @@ def main() -> int:
     runs = [replay(name, sets, data, judge, args, heldout)
             for name, sets in [("defaults", {}), *map(parse_variant, args.variant)]]
     base = runs[0]
-    rows = [[r["name"], r["steps"], r["train_s"], r["train_s"] / base["train_s"], r["approval"],
+    rows = [[r["name"], r["rows"], r["steps"], r["train_s"], r["train_s"] / base["train_s"], r["approval"],
              r["approval"] - base["approval"], r["mean_words"], r["neutral"]["on_topic"], r["neutral"]["not_looping"],
              r["neutral"]["finished"]] for r in runs]
-    print(format_table(["variant", "steps", "train s", "x time", "approval", "vs base", "words", "on topic",
+    print(format_table(["variant", "rows", "steps", "train s", "x time", "approval", "vs base", "words", "on topic",
                         "not looping", "finished"], rows))
     out = args.out or RESULTS_DIR / f"rl-replay-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

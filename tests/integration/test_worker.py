@@ -108,7 +108,7 @@ async def test_a_run_without_usable_data_does_nothing_and_says_why(settings, bac
 
 
 async def test_rl_without_a_trusted_reward_model_trains_nothing_and_says_why(settings, backends):
-    """rl optimises the judge: on 12 prompts its held-out split is far under the 8 rows trust needs."""
+    """rl optimises the judge: 12 prompts hold out too few pairs to trust it (6 of 6 right is the least)."""
     pool, redis = backends
     await seed_feedback(pool, prompts=12)
     queued = await runs.queue(pool, algorithm="rl", params={"algorithm": "rl"}, requested_by="test")
