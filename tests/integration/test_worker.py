@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -108,9 +109,11 @@ async def test_a_run_without_usable_data_does_nothing_and_says_why(settings, bac
 
 
 async def test_rl_without_a_trusted_reward_model_trains_nothing_and_says_why(settings, backends):
-    """rl optimises the judge: 12 prompts hold out too few pairs to trust it (6 of 6 right is the least)."""
+    """rl optimises the judge: thumbs on 12 prompts hold out 2 pairs, too few to trust (6 of 6 right is the least)."""
     pool, redis = backends
-    await seed_feedback(pool, prompts=12)
+    await seed_feedback(pool, prompts=12, edits=False)  # 10 training pairs: the judge trains with a lower minimum
+    settings = msgspec.structs.replace(settings, training=msgspec.structs.replace(settings.training,
+                                                                                  reward_min_pairs=8))
     queued = await runs.queue(pool, algorithm="rl", params={"algorithm": "rl"}, requested_by="test")
     assert await Worker(settings, pool, redis).cycle() == queued["id"]
     run = await runs.get(pool, queued["id"])
