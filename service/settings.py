@@ -118,7 +118,7 @@ class TrainingSettings(msgspec.Struct, frozen=True, kw_only=True):
     best_of_k: Annotated[
         int, _doc("Answers sampled per training prompt when the reward model is trusted; its favourite becomes an "
                   "SFT target (rejection sampling). 0 or 1: off.", ge=0, le=16)
-    ] = 4
+    ] = 8
     best_of_prompts: Annotated[int, _doc("Training prompts sampled for best-of-k per run.", ge=1)] = 32
     gate_prompts: Annotated[
         str | None, _doc("JSONL of everyday prompts every candidate and production answer at the gate, each "

@@ -181,8 +181,8 @@ class Worker:
                                    f"above {gate.min_judge_accuracy} with 95% confidence): "
                                    f"{_json(judged['reward_model'])}")
             optimisable = judge if gate.trusts(judge) else None
-            if optimisable and t.best_of_k > 1 and "rl" not in plan_stages(config, data, trusted_judge=True):
-                judged["best_of_k"] = await asyncio.to_thread(  # rl samples on its own
+            if optimisable and t.best_of_k > 1 and config.algorithm in ("auto", "sft"):
+                judged["best_of_k"] = await asyncio.to_thread(  # SFT rows: what the judge picks of k samples
                     self._best_of_k, judge, data, production["path"] if production else None, config)
             result = await asyncio.to_thread(train_adapter, config, data, self.settings.base_model, out_dir,
                                              report, self.stop_training, parent["path"] if parent else None,

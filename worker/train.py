@@ -3,9 +3,9 @@
 `auto` picks what moved behaviour on the default model. With users' edits it trains SFT (shared/probes/learning.md:
 SFT on edits took held-out approval 0% -> 94% where DPO on the same edits, at reward accuracy 1.0, gave 6% and KTO
 on thumbs nothing); that stage also learns from the answers users approved (filtered behaviour cloning) and from
-best-of-k samples picked by the reward model (worker/sampling.py). Without edits and with a trusted reward model it
-trains `rl`; without either, SFT on approved answers, else DPO on enough pairs, else KTO on thumbs. Each can be
-asked for.
+best-of-k samples picked by the reward model (worker/sampling.py). Without edits it trains the same SFT on approved
+answers and best-of-k picks (rejection sampling), which moved thumbs-only rounds more than `rl`; with nothing to
+imitate, `rl` against a trusted reward model, else DPO on enough pairs, else KTO on thumbs. Each can be asked for.
 
 `rl` is on-policy RL against the run's reward model with TRL's GRPO (the maintained PPO-family trainer): for each
 of the newest ``rl_prompts`` prompts users asked, the adapter samples ``rl_generations`` answers, the reward model
@@ -168,17 +168,16 @@ def plan_stages(config: TrainConfig, data: TrainingData, trusted_judge: bool = F
                                f"{available}")
         return [config.algorithm]
     # Users' edits say exactly what they wanted: imitating them (with approved answers and best-of-k picks) moved
-    # held-out approval 4% -> 40% -> 73% over two 64-vote rounds (bench/loop.py, concise, 30% edits). Without edits
-    # there is little worth imitating: SFT on a few approved answers looped on everyday prompts and the gate refused
-    # it, twice, where rl against a trusted reward model moved thumbs-only approval 4% -> 31% in round 2. A DPO stage
-    # after SFT pushed a round past 10 minutes on a 2-core CPU, and DPO alone barely moved answers in
-    # shared/probes/learning.md: ask for it explicitly.
-    if data.sft.train:
+    # held-out approval 4% -> 40% -> 73% over two 64-vote rounds (bench/loop.py, concise, 30% edits). Without edits,
+    # imitating the reward model's favourite of 8 samples per prompt with the approved answers (rejection sampling)
+    # moved a replayed thumbs-only round 4% -> 21% where rl on the same judge reached 8% in 1.2x the time
+    # (bench/rl_replay.py); SFT on the few approved answers alone looped and the gate refused it. rl trains when
+    # there is nothing to imitate. A DPO stage after SFT pushed a round past 10 minutes on a 2-core CPU, and DPO
+    # alone barely moved answers in shared/probes/learning.md: ask for it explicitly.
+    if sft:
         return ["sft"]
     if trusted_judge and prompts_for_rl(config, data):
         return ["rl"]
-    if sft:
-        return ["sft"]
     if dpo >= config.min_dpo_pairs:
         return ["dpo"]
     if kto >= config.min_kto_rows and len({row["label"] for row in data.kto.train}) == 2:
