@@ -9,7 +9,14 @@ import pytest
 from bench.prompts import load_prompts
 from worker.checks import keywords
 from worker.data import TrainingData
-from worker.evaluate import GATE_PROMPTS, GateConfig, behaviour_reasons, load_gate_prompts, rule_failures
+from worker.evaluate import (
+    GATE_PROMPTS,
+    GateConfig,
+    behaviour_reasons,
+    load_gate_prompts,
+    preference_reasons,
+    rule_failures,
+)
 from worker.reward import confidently_above
 from worker.sampling import Answer, unique_prompts
 from worker.train import NoUsableData, TrainConfig, plan_stages, prompts_for_rl, sft_rows
@@ -54,6 +61,17 @@ def test_a_trusted_judge_must_prefer_the_candidate_by_the_margin():
     assert behaviour_reasons(_metrics(judge_version=3, judge_accuracy=0.5), GateConfig(), "production") == []
 
 
+def test_preference_accuracy_must_beat_production_unless_a_trusted_judge_compared_the_answers():
+    level = {"candidate_accuracy": 0.59, "production_accuracy": 0.59}
+    [reason] = preference_reasons(level, GateConfig(), "production")
+    assert reason == "held-out preference accuracy 0.590 does not beat production's (0.590) by 0.02"
+    assert preference_reasons({**level, "candidate_accuracy": 0.61}, GateConfig(), "production") == []
+    judged = {**level, "judge_win_rate": 0.81}  # the judge says the answers got better: level is enough
+    assert preference_reasons(judged, GateConfig(), "production") == []
+    [reason] = preference_reasons({**judged, "candidate_accuracy": 0.5}, GateConfig(), "production")
+    assert reason == "held-out preference accuracy 0.500 falls more than 0.02 below production's (0.590)"
+
+
 def test_a_judge_is_trusted_when_its_held_out_accuracy_is_confidently_above_the_bar():
     bar = GateConfig().min_judge_accuracy
     assert confidently_above(1.0, 7, bar)  # a thumbs-only round of 64 votes holds out about 7 pairs
@@ -84,16 +102,19 @@ def test_sft_imitates_edits_approved_answers_and_best_of_k_once_each():
         "A plum.", "An apple."]
 
 
-def test_auto_learns_from_thumbs_with_rl_when_the_judge_is_trusted_else_by_imitating_approved_answers():
+def test_auto_imitates_approved_answers_and_best_of_k_picks_and_trains_rl_only_with_nothing_to_imitate():
     data = TrainingData()
     for i in range(4):
         prompt, good = _conversation(f"Question {i}?", "Short.")
         data.kto.train += [{"prompt": prompt, "completion": good, "label": True},
                            {"prompt": prompt, "completion": [{"role": "assistant", "content": "Long."}],
                             "label": False}]
-    assert plan_stages(TrainConfig(), data, trusted_judge=True) == ["rl"]
+    assert plan_stages(TrainConfig(), data, trusted_judge=True) == ["sft"]
     assert plan_stages(TrainConfig(), data) == ["sft"]
     assert plan_stages(TrainConfig(sft_on_approved=False), data) == ["kto"]
+    assert plan_stages(TrainConfig(sft_on_approved=False), data, trusted_judge=True) == ["rl"]
+    data.best_of_k = [{"messages": prompt + [{"role": "assistant", "content": "Brief."}]}]  # the judge's pick
+    assert plan_stages(TrainConfig(sft_on_approved=False), data, trusted_judge=True) == ["sft"]
     prompt, edit = _conversation("Question 0?", "Shorter.")
     data.sft.train = [{"messages": prompt + edit}]  # an edit says exactly what users want: imitate it
     assert plan_stages(TrainConfig(), data, trusted_judge=True) == ["sft"]
