@@ -16,8 +16,6 @@ benchmark saw on 48 (bench/loop.py); the fixed set makes every check count at le
   ``max_neutral_drop`` fewer of its answers than production's;
 - when the run's reward model is trusted (held-out accuracy above ``min_judge_accuracy`` with 95% confidence), it
   must prefer the candidate's answers on at least ``min_win_rate`` of the prompts (ties count half);
-- the candidate's preference accuracy must beat production's by ``min_gain``; when the trusted judge compared
-  their answers, it need only not fall ``min_gain`` below it (the judge measures "better" on answers themselves);
 - the candidate's answers to the fixed prompts must keep the operators' rules (``must`` / ``must_not`` regexes).
 Every metric is returned whatever the verdict, to be stored on the adapter row and shown to operators. Greedy
 answers are kept per model version (``answer_cache``): production's answers to the fixed prompts are generated once,
@@ -111,31 +109,19 @@ def evaluate(base_model: str, candidate: str, production: str | None, data: Trai
             metrics.update(measured, heldout_behaviour_prompts=len(heldout))
             failures = rule_failures(cases, answers[len(heldout):])
     metrics["rule_failures"] = failures
-    served = "production" if production else "the base"
-    reasons = preference_reasons(metrics, gate, served) if pairs or labelled else [
-        "no held-out feedback to measure the candidate on"]
+    reasons = []
+    if not (pairs or labelled):
+        reasons.append("no held-out feedback to measure the candidate on")
+    elif metrics["candidate_accuracy"] < metrics["production_accuracy"] + gate.min_gain:
+        reasons.append(f"held-out preference accuracy {metrics['candidate_accuracy']:.3f} does not beat "
+                       f"{'production' if production else 'the base'} ({metrics['production_accuracy']:.3f}) "
+                       f"by {gate.min_gain}")
     if metrics["kl_from_base"] > gate.max_kl:
         reasons.append(f"drifts {metrics['kl_from_base']:.3f} nats/token from the base (max {gate.max_kl})")
     if failures:
         reasons.append(f"{len(failures)} gate prompt(s) broke their rules")
-    reasons += behaviour_reasons(metrics, gate, served)
+    reasons += behaviour_reasons(metrics, gate, "production" if production else "the base")
     return Verdict(not reasons, reasons, metrics)
-
-
-def preference_reasons(metrics: dict, gate: GateConfig, served: str) -> list[str]:
-    """Whether the candidate ranks held-out feedback better than ``served``: by ``min_gain``, or, when a trusted
-    reward model compared both versions' answers (and so measures "better" itself), at most ``min_gain`` worse.
-    SFT on the judge's picks moves answers more than it moves this likelihood ranking: a thumbs-only round 2 whose
-    answers the judge preferred on 81% of prompts ranked held-out thumbs exactly as production did (0.59) and was
-    refused (bench/loop.py, concise, thumbs only)."""
-    judged = metrics.get("judge_win_rate") is not None
-    ours, theirs = metrics["candidate_accuracy"], metrics["production_accuracy"]
-    if judged and ours < theirs - gate.min_gain:
-        return [f"held-out preference accuracy {ours:.3f} falls more than {gate.min_gain} below {served}'s "
-                f"({theirs:.3f})"]
-    if not judged and ours < theirs + gate.min_gain:
-        return [f"held-out preference accuracy {ours:.3f} does not beat {served}'s ({theirs:.3f}) by {gate.min_gain}"]
-    return []
 
 
 def behaviour(model, tokenizer, prompts: list[list[dict]], versions: dict[str, str | None], gate: GateConfig,

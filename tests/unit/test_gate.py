@@ -14,7 +14,6 @@ from worker.evaluate import (
     GateConfig,
     behaviour_reasons,
     load_gate_prompts,
-    preference_reasons,
     rule_failures,
 )
 from worker.reward import confidently_above
@@ -59,17 +58,6 @@ def test_a_trusted_judge_must_prefer_the_candidate_by_the_margin():
     assert "reward model (v3, held-out accuracy 0.82) prefers its answers on 50% of 20" in reason
     assert behaviour_reasons({**judged, "judge_win_rate": 0.55}, GateConfig(), "production") == []
     assert behaviour_reasons(_metrics(judge_version=3, judge_accuracy=0.5), GateConfig(), "production") == []
-
-
-def test_preference_accuracy_must_beat_production_unless_a_trusted_judge_compared_the_answers():
-    level = {"candidate_accuracy": 0.59, "production_accuracy": 0.59}
-    [reason] = preference_reasons(level, GateConfig(), "production")
-    assert reason == "held-out preference accuracy 0.590 does not beat production's (0.590) by 0.02"
-    assert preference_reasons({**level, "candidate_accuracy": 0.61}, GateConfig(), "production") == []
-    judged = {**level, "judge_win_rate": 0.81}  # the judge says the answers got better: level is enough
-    assert preference_reasons(judged, GateConfig(), "production") == []
-    [reason] = preference_reasons({**judged, "candidate_accuracy": 0.5}, GateConfig(), "production")
-    assert reason == "held-out preference accuracy 0.500 falls more than 0.02 below production's (0.590)"
 
 
 def test_a_judge_is_trusted_when_its_held_out_accuracy_is_confidently_above_the_bar():
