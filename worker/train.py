@@ -4,8 +4,9 @@
 SFT on edits took held-out approval 0% -> 94% where DPO on the same edits, at reward accuracy 1.0, gave 6% and KTO
 on thumbs nothing); that stage also learns from the answers users approved (filtered behaviour cloning) and from
 best-of-k samples picked by the reward model (worker/sampling.py). Without edits it trains the same SFT on approved
-answers and best-of-k picks (rejection sampling), which moved thumbs-only rounds more than `rl`; with nothing to
-imitate, `rl` against a trusted reward model, else DPO on enough pairs, else KTO on thumbs. Each can be asked for.
+answers and best-of-k picks (rejection sampling), which moved a replayed thumbs-only round further than `rl`;
+with nothing to imitate, `rl` against a trusted reward model, else DPO on enough pairs, else KTO on thumbs. Each
+can be asked for.
 
 `rl` is on-policy RL against the run's reward model with TRL's GRPO (the maintained PPO-family trainer): for each
 of the newest ``rl_prompts`` prompts users asked, the adapter samples ``rl_generations`` answers, the reward model

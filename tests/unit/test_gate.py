@@ -9,13 +9,7 @@ import pytest
 from bench.prompts import load_prompts
 from worker.checks import keywords
 from worker.data import TrainingData
-from worker.evaluate import (
-    GATE_PROMPTS,
-    GateConfig,
-    behaviour_reasons,
-    load_gate_prompts,
-    rule_failures,
-)
+from worker.evaluate import GATE_PROMPTS, GateConfig, behaviour_reasons, load_gate_prompts, rule_failures
 from worker.reward import confidently_above
 from worker.sampling import Answer, unique_prompts
 from worker.train import NoUsableData, TrainConfig, plan_stages, prompts_for_rl, sft_rows
