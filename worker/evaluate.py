@@ -16,6 +16,9 @@ benchmark saw on 48 (bench/loop.py); the fixed set makes every check count at le
   ``max_neutral_drop`` fewer of its answers than production's;
 - when the run's reward model is trusted (held-out accuracy above ``min_judge_accuracy`` with 95% confidence), it
   must prefer the candidate's answers on at least ``min_win_rate`` of the prompts (ties count half);
+- the candidate's preference accuracy must beat production's by ``min_gain``; when the trusted judge prefers its
+  answers with 95% confidence (the Wilson lower bound of its win share above one half), it need only not fall
+  ``min_gain`` below it: the judge measured "better" on the answers themselves;
 - the candidate's answers to the fixed prompts must keep the operators' rules (``must`` / ``must_not`` regexes).
 Every metric is returned whatever the verdict, to be stored on the adapter row and shown to operators. Greedy
 answers are kept per model version (``answer_cache``): production's answers to the fixed prompts are generated once,
@@ -27,11 +30,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.checks import neutral_checks, pass_rates
 from worker.data import TrainingData
+from worker.reward import confidently_above
 from worker.sampling import Answer, device, generate, last_user_turn, unique_prompts
 
 # Fixed everyday prompts with plain reference answers: drift is measured on the same text for every candidate.
@@ -85,6 +90,7 @@ def evaluate(base_model: str, candidate: str, production: str | None, data: Trai
 
     from service.engine.weights import load_pretrained
 
+    started = time.monotonic()
     model, tokenizer = load_pretrained(base_model, device=device())
     model = PeftModel.from_pretrained(model, candidate, adapter_name="candidate")
     if production:
@@ -108,20 +114,42 @@ def evaluate(base_model: str, candidate: str, production: str | None, data: Trai
             measured, answers = behaviour(model, tokenizer, prompts, versions, gate, judge)
             metrics.update(measured, heldout_behaviour_prompts=len(heldout))
             failures = rule_failures(cases, answers[len(heldout):])
-    metrics["rule_failures"] = failures
-    reasons = []
-    if not (pairs or labelled):
-        reasons.append("no held-out feedback to measure the candidate on")
-    elif metrics["candidate_accuracy"] < metrics["production_accuracy"] + gate.min_gain:
-        reasons.append(f"held-out preference accuracy {metrics['candidate_accuracy']:.3f} does not beat "
-                       f"{'production' if production else 'the base'} ({metrics['production_accuracy']:.3f}) "
-                       f"by {gate.min_gain}")
+    metrics.update(rule_failures=failures, gate_seconds=round(time.monotonic() - started, 1))
+    served = "production" if production else "the base"
+    reasons = preference_reasons(metrics, gate, served) if pairs or labelled else [
+        "no held-out feedback to measure the candidate on"]
     if metrics["kl_from_base"] > gate.max_kl:
         reasons.append(f"drifts {metrics['kl_from_base']:.3f} nats/token from the base (max {gate.max_kl})")
     if failures:
         reasons.append(f"{len(failures)} gate prompt(s) broke their rules")
-    reasons += behaviour_reasons(metrics, gate, "production" if production else "the base")
+    reasons += behaviour_reasons(metrics, gate, served)
     return Verdict(not reasons, reasons, metrics)
+
+
+def preference_reasons(metrics: dict, gate: GateConfig, served: str) -> list[str]:
+    """Whether the candidate ranks held-out feedback better than ``served``: by ``min_gain``, or, when the trusted
+    reward model prefers its answers with 95% confidence, at most ``min_gain`` worse.
+
+    SFT on the judge's picks moves answers more than this likelihood ranking of 10-20 held-out votes: a thumbs-only
+    round 2 whose answers the judge preferred on 81% of the prompts ranked them exactly as production did (0.59) and
+    was refused (bench/loop.py, concise). A plain win share is not enough to waive the gain: one of 57% (Wilson
+    lower bound about 0.42) promoted an adapter that left held-out approval where it was."""
+    ours, theirs = metrics["candidate_accuracy"], metrics["production_accuracy"]
+    if judge_confident(metrics):
+        if ours < theirs - gate.min_gain:
+            return [f"held-out preference accuracy {ours:.3f} falls more than {gate.min_gain} below {served}'s "
+                    f"({theirs:.3f})"]
+        return []
+    if ours < theirs + gate.min_gain:
+        return [f"held-out preference accuracy {ours:.3f} does not beat {served}'s ({theirs:.3f}) by {gate.min_gain}"]
+    return []
+
+
+def judge_confident(metrics: dict) -> bool:
+    """Whether the trusted judge preferred the candidate's answers on more than half the prompts, with 95%
+    confidence (ties count half)."""
+    win = metrics.get("judge_win_rate")
+    return win is not None and confidently_above(win, metrics.get("behaviour_prompts", 0), 0.5)
 
 
 def behaviour(model, tokenizer, prompts: list[list[dict]], versions: dict[str, str | None], gate: GateConfig,

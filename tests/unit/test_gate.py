@@ -9,7 +9,14 @@ import pytest
 from bench.prompts import load_prompts
 from worker.checks import keywords
 from worker.data import TrainingData
-from worker.evaluate import GATE_PROMPTS, GateConfig, behaviour_reasons, load_gate_prompts, rule_failures
+from worker.evaluate import (
+    GATE_PROMPTS,
+    GateConfig,
+    behaviour_reasons,
+    load_gate_prompts,
+    preference_reasons,
+    rule_failures,
+)
 from worker.reward import confidently_above
 from worker.sampling import Answer, unique_prompts
 from worker.train import NoUsableData, TrainConfig, plan_stages, prompts_for_rl, sft_rows
@@ -52,6 +59,20 @@ def test_a_trusted_judge_must_prefer_the_candidate_by_the_margin():
     assert "reward model (v3, held-out accuracy 0.82) prefers its answers on 50% of 20" in reason
     assert behaviour_reasons({**judged, "judge_win_rate": 0.55}, GateConfig(), "production") == []
     assert behaviour_reasons(_metrics(judge_version=3, judge_accuracy=0.5), GateConfig(), "production") == []
+
+
+def test_preference_accuracy_must_beat_production_unless_the_judge_confidently_prefers_the_answers():
+    level = {"candidate_accuracy": 0.59, "production_accuracy": 0.59, "behaviour_prompts": 44}
+    [reason] = preference_reasons(level, GateConfig(), "production")
+    assert reason == "held-out preference accuracy 0.590 does not beat production's (0.590) by 0.02"
+    assert preference_reasons({**level, "candidate_accuracy": 0.61}, GateConfig(), "production") == []
+    judged = {**level, "judge_win_rate": 0.81}  # 36 of 44: Wilson lower bound 0.68, the answers got better
+    assert preference_reasons(judged, GateConfig(), "production") == []
+    [reason] = preference_reasons({**judged, "candidate_accuracy": 0.5}, GateConfig(), "production")
+    assert reason == "held-out preference accuracy 0.500 falls more than 0.02 below production's (0.590)"
+    # 25 of 44 (lower bound 0.42) clears min_win_rate but may be chance: the gain is still needed
+    assert preference_reasons({**level, "judge_win_rate": 0.57}, GateConfig(), "production") != []
+    assert preference_reasons({**judged, "behaviour_prompts": 5}, GateConfig(), "production") != []  # too few
 
 
 def test_a_judge_is_trusted_when_its_held_out_accuracy_is_confidently_above_the_bar():
