@@ -65,22 +65,30 @@ def generate(model, tokenizer, prompts: Sequence[Conversation], *, max_new_token
     return out
 
 
-def unique_prompts(rows: Sequence[dict], limit: int) -> list[Conversation]:
+def unique_prompts(rows: Sequence[dict], limit: int | None = None) -> list[Conversation]:
     """The distinct contexts of export rows (sft rows carry theirs in ``messages``): the last ``limit`` of them, since
     export rows come oldest first and what users ask now matters most."""
     seen: dict[str, Conversation] = {}
     for row in rows:
-        prompt = row["prompt"] if "prompt" in row else row["messages"][:-1]
+        prompt = context(row)
         key = json.dumps(prompt, sort_keys=True)
         seen.pop(key, None)  # a prompt seen again counts as recent
         seen[key] = prompt
-    return list(seen.values())[-limit:]
+    return list(seen.values())[-limit:] if limit is not None else list(seen.values())
 
 
-def newest_training_prompts(data, limit: int) -> list[Conversation]:
+def context(row: dict) -> Conversation:
+    """The conversation an export row's answer replies to."""
+    return row["prompt"] if "prompt" in row else row["messages"][:-1]
+
+
+def newest_training_prompts(data, limit: int, targeted: Sequence[dict] = ()) -> list[Conversation]:
     """The newest ``limit`` distinct contexts users asked in ``data``'s (a TrainingData) training split, for best-of-k
-    and rl. Thumbs last: they come with nearly every rated answer, in time order, so the newest prompts are kept."""
-    return unique_prompts(data.dpo.train + data.sft.train + data.kto.train, limit)
+    and rl, leaving out those of the ``targeted`` rows. Thumbs last: they come with nearly every rated answer, in time
+    order, so the newest prompts are kept."""
+    skip = {json.dumps(context(row), sort_keys=True) for row in targeted}
+    prompts = unique_prompts(data.dpo.train + data.sft.train + data.kto.train)
+    return [p for p in prompts if json.dumps(p, sort_keys=True) not in skip][-limit:]
 
 
 def best_of_k(model, tokenizer, judge, prompts: Sequence[Conversation], *, k: int, max_new_tokens: int,

@@ -18,7 +18,7 @@ from worker.evaluate import (
     rule_failures,
 )
 from worker.reward import confidently_above
-from worker.sampling import Answer, unique_prompts
+from worker.sampling import Answer, newest_training_prompts, unique_prompts
 from worker.train import NoUsableData, TrainConfig, plan_stages, prompts_for_rl, sft_rows
 
 ALL_PASS = {"not_empty": 1.0, "on_topic": 1.0, "not_looping": 1.0, "finished": 1.0}
@@ -149,6 +149,18 @@ def test_best_of_k_and_the_gate_take_the_newest_distinct_prompts():
     assert plan_stages(TrainConfig(algorithm="rl"), data) == ["rl"]
     with pytest.raises(NoUsableData, match="rl needs at least 1 training rows"):
         plan_stages(TrainConfig(algorithm="rl"), TrainingData())
+
+
+def test_best_of_k_samples_only_prompts_users_gave_no_answer_to_imitate():
+    data = TrainingData()
+    for q in ("edited?", "approved?", "refused?"):
+        prompt, answer = _conversation(q, "A long answer.")
+        data.kto.train.append({"prompt": prompt, "completion": answer, "label": q == "approved?"})
+    prompt, edit = _conversation("edited?", "Short.")
+    data.sft.train = [{"messages": prompt + edit}]
+    targeted = sft_rows(TrainConfig(), data)  # the edit and the approved answer
+    assert [p[0]["content"] for p in newest_training_prompts(data, 32, targeted)] == ["refused?"]
+    assert len(newest_training_prompts(data, 32)) == 3  # rl samples every prompt
 
 
 def test_the_shipped_gate_prompts_load_and_share_no_topic_with_the_benchmarks_prompts():
