@@ -1,17 +1,19 @@
-"""Replay one learning-benchmark round offline and compare rl settings on the same votes and the same judge.
+"""Replay one learning-benchmark round offline and compare training settings on the same votes and the same judge.
 
 ``bench/loop.py`` keeps its database (``flywheel_loop_bench``) and data folder (``bench/results/loop-data``) after a
 run. This script rebuilds the worker's training data from that database exactly as a run does, takes the newest
-reward model the run trained, and for the defaults (the baseline) and each ``--variant`` trains ``rl`` with
-``worker.train.train_adapter``; then the adapter answers the benchmark's held-out prompts greedily, judged by the
-hidden preference (approval), with mean words and the no-collapse checks. Ratios are against the baseline of the
-same run. The replay is deterministic: the defaults reproduce the loop bench's own round exactly.
+reward model the run trained, and for the baseline (``rl``'s defaults, or ``--baseline``) and each ``--variant``
+trains with ``worker.train.train_adapter`` from the base; then the adapter answers the benchmark's held-out prompts
+greedily, judged by the hidden preference (approval), with mean words and the no-collapse checks. Ratios are against
+the baseline of the same run. A first round replays exactly what the worker did; later rounds sample best-of-k from
+the base, where the worker sampled from production.
 
 Run (after ``python bench/loop.py --preference concise --edit-rate 0 --rounds 2``):
 ``python bench/rl_replay.py --variant lr1e3:learning_rate=0.001 iter2:rl_iterations=2`` (minutes per variant).
 A variant may train another algorithm on the same round, e.g. rejection sampling:
-``bok:algorithm=sft,best_of_k=4`` samples 4 answers to each of the newest 32 training prompts, keeps the judge's
-favourite finished one per prompt (worker/sampling.py, as the worker does) and trains SFT on them.
+``bok:algorithm=sft,best_of_k=4`` samples 4 answers to each of the newest 32 training prompts users gave no edit
+or approved answer, keeps the judge's favourite finished one per prompt (worker/sampling.py, as the worker does) and
+trains SFT on them.
 Writes JSON to bench/results/rl-replay-<UTC timestamp>.json (or --out).
 """
 
@@ -38,9 +40,15 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """``name:key=value,key=value`` (values as JSON) -> (name, TrainConfig overrides)."""
+    """``name:key=value,key=value`` (values as JSON, else strings) -> (name, TrainConfig overrides)."""
+    def value(text: str):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
     name, _, sets = text.partition(":")
-    return name, {k: json.loads(v) for k, v in (s.split("=", 1) for s in sets.split(",") if s)}
+    return name, {k: value(v) for k, v in (s.split("=", 1) for s in sets.split(",") if s)}
 
 
 def replay(name: str, overrides: dict, data, judge, args, heldout: list[str]) -> dict:
@@ -80,6 +88,7 @@ def main() -> int:
                         "best_of_k=K: sample K answers per prompt first, the judge's favourite an SFT row)")
     parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/flywheel_loop_bench")
     parser.add_argument("--reward-dir", type=Path, default=RESULTS_DIR / "loop-data" / "reward")
+    parser.add_argument("--baseline", default="algorithm=rl", help="key=value,... of the baseline (default: rl)")
     parser.add_argument("--max-steps", type=int, help="steps for every variant, the baseline too (a quick check)")
     parser.add_argument("--preference", choices=sorted(PREFERENCES), default="concise")
     parser.add_argument("--heldout", type=int, default=48)
@@ -103,7 +112,7 @@ def main() -> int:
         raise SystemExit(f"no reward model under {args.reward_dir}: run bench/loop.py first")
     heldout = [p.text for p in split(load_prompts())["heldout"]][: args.heldout]
     runs = [replay(name, sets, data, judge, args, heldout)
-            for name, sets in [("defaults", {}), *map(parse_variant, args.variant)]]
+            for name, sets in [parse_variant(f"baseline:{args.baseline}"), *map(parse_variant, args.variant)]]
     base = runs[0]
     rows = [[r["name"], r["rows"], r["steps"], r["train_s"], r["train_s"] / base["train_s"], r["approval"],
              r["approval"] - base["approval"], r["mean_words"], r["neutral"]["on_topic"], r["neutral"]["not_looping"],
