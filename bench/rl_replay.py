@@ -63,9 +63,10 @@ def replay(name: str, overrides: dict, data, judge, args, heldout: list[str]) ->
     config = {"algorithm": "rl", **steps, **overrides}
     k = config.pop("best_of_k", 0)  # the worker's FLYWHEEL_BEST_OF_K: the judge's picks of k samples become SFT rows
     model, tokenizer = load_pretrained(args.base_model, device="cpu")
-    prompts = newest_training_prompts(data, args.best_of_prompts, targeted=sft_rows(TrainConfig(**config), data))
+    targets = sft_rows(TrainConfig(**config), data)
+    prompts = newest_training_prompts(data, args.best_of_prompts, targeted=targets)
     data.best_of_k = best_of_k(model, tokenizer, judge, prompts, k=k, max_new_tokens=args.max_tokens,
-                               seed=config.get("seed", 0))[0] if k > 1 and prompts else []
+                               targets=targets, seed=config.get("seed", 0))[0] if k > 1 and prompts else []
     result = train_adapter(TrainConfig(**config), data, args.base_model, out, on_progress=progress.append,
                            judge=judge)
     seconds = time.perf_counter() - started

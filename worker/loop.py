@@ -236,26 +236,26 @@ class Worker:
             "steps": m["steps"], "seconds": m["seconds"]}}
 
     def _best_of_k(self, judge: RewardModel, data, production_path: str | None, config: TrainConfig) -> dict:
-        """Sample from what serves now, keep the judge's favourite per prompt as SFT rows (into ``data``).
+        """Sample from what serves now, keep the judge's favourites as SFT rows (into ``data``).
 
-        Only prompts users left without a target: an edit or an approved answer already says what they want, better
-        than the judge's guess. With 30% edits (bench/loop.py, concise) sampling every prompt took 266 s of a
-        670 s round, and round 1 reached 33% with 8 samples, 40% with 4 and 40% with none."""
+        Only prompts users left without a target (an edit or an approved answer says what they want better than the
+        judge's guess), and only picks the judge rates as highly as those targets (worker/sampling.py)."""
         from service.engine.weights import load_pretrained
         from worker.sampling import best_of_k, device, newest_training_prompts
         from worker.train import sft_rows
 
         t = self.settings.training
         started = time.monotonic()
+        targets = sft_rows(config, data)
+        prompts = newest_training_prompts(data, t.best_of_prompts, targeted=targets)
+        if not prompts:
+            return {"prompts": 0, "rows": 0, "seconds": 0.0}
         model, tokenizer = load_pretrained(self.settings.base_model, device=device())
         if production_path:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, production_path).eval()
-        prompts = newest_training_prompts(data, t.best_of_prompts, targeted=sft_rows(config, data))
-        if not prompts:
-            return {"prompts": 0, "rows": 0, "seconds": 0.0}
-        data.best_of_k, counts = best_of_k(model, tokenizer, judge, prompts, k=t.best_of_k,
+        data.best_of_k, counts = best_of_k(model, tokenizer, judge, prompts, k=t.best_of_k, targets=targets,
                                            max_new_tokens=GateConfig.max_new_tokens, seed=config.seed)
         return {**counts, "seconds": round(time.monotonic() - started, 1)}
 
