@@ -18,6 +18,7 @@ from worker.checks import neutral_checks
 
 Conversation = list[dict]
 SAMPLE_TEMPERATURE = 0.9  # for best-of-k and rl: answers varied enough to compare, still on topic
+MIN_SFT_ROWS = 16  # best-of-k fills SFT up to this many rows: 18 users' edits and approved answers learned well
 
 
 @dataclass
@@ -93,15 +94,17 @@ def newest_training_prompts(data, limit: int, targeted: Sequence[dict] = ()) -> 
 
 
 def best_of_k(model, tokenizer, judge, prompts: Sequence[Conversation], *, k: int, max_new_tokens: int,
-              targets: Sequence[dict] = (), temperature: float = SAMPLE_TEMPERATURE,
+              targets: Sequence[dict] = (), min_rows: int = MIN_SFT_ROWS, temperature: float = SAMPLE_TEMPERATURE,
               seed: int = 0) -> tuple[list[dict], dict]:
-    """SFT rows ``{"messages": prompt + [best answer]}`` and counts: one row per prompt whose best usable sample the
-    judge scores at least as high as the median of ``targets``, the users' own SFT rows (edits, approved answers).
+    """SFT rows ``{"messages": prompt + [best answer]}`` and counts: the best usable sample of each prompt that the
+    judge scores at least as high as the median of ``targets``, the users' own SFT rows (edits, approved answers);
+    when those rows and the picks above the bar are fewer than ``min_rows``, the next best picks fill in.
 
     The bar keeps the judge's guesses from diluting what users said. On a 64-vote round with 30% edits
     (bench/rl_replay.py, concise) SFT on the 18 edits and approved answers took held-out approval 4% -> 79%; adding
     the judge's 19 favourites gave 33%. Users would approve 7 of them, the 7 it scored highest; the bar keeps 6 of
-    those and none of the rest."""
+    those and none of the rest. A few rows are not enough though: in a thumbs-only round the bar (the median of 5
+    approved answers) left no pick, and SFT on those 5 answers looped (bench/loop.py)."""
     samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, k=k, temperature=temperature,
                        seed=seed)
     usable = [[a for a in answers if a.finished and all(neutral_checks(last_user_turn(p), a.text).values())]
@@ -114,10 +117,13 @@ def best_of_k(model, tokenizer, judge, prompts: Sequence[Conversation], *, k: in
             best[i] = (score, answer)
     bar = statistics.median(judge.score([r["messages"][:-1] for r in targets],
                                         [r["messages"][-1]["content"] for r in targets])) if targets else None
-    rows = [{"messages": [*prompts[i], {"role": "assistant", "content": answer.text}]}
-            for i, (score, answer) in sorted(best.items()) if bar is None or score >= bar]
+    ranked = sorted(best, key=lambda i: -best[i][0])
+    above = [i for i in ranked if bar is None or best[i][0] >= bar]
+    fill = [i for i in ranked if i not in above][:max(0, min_rows - len(targets) - len(above))]
+    rows = [{"messages": [*prompts[i], {"role": "assistant", "content": best[i][1].text}]}
+            for i in sorted(above + fill)]
     return rows, {"prompts": len(prompts), "samples": sum(map(len, samples)), "usable_samples": len(flat),
-                  "bar": None if bar is None else round(bar, 3), "rows": len(rows)}
+                  "bar": None if bar is None else round(bar, 3), "above_bar": len(above), "rows": len(rows)}
 
 
 def last_user_turn(prompt: Conversation) -> str:

@@ -124,6 +124,22 @@ def test_best_of_k_keeps_the_judges_favourite_finished_answer_per_prompt(default
         scores = judge.score([prompts[i]] * len(usable), usable)
         assert scores[usable.index(kept)] == max(scores)
 
+    # With the users' own targets, a pick stays when the judge rates it at least as high as their median; the next
+    # best picks fill in up to min_rows rows in all.
+    targets = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+               for q, a in (("Name a fruit.", "An apple."), ("What is 2 + 2?", "4."),
+                            ("Name a colour.", "Colours are a deep and long subject. " * 6))]
+    bar = sorted(judge.score([t["messages"][:1] for t in targets], [t["messages"][1]["content"] for t in targets]))[1]
+    picks = judge.score([r["messages"][:-1] for r in rows], [r["messages"][-1]["content"] for r in rows])
+    above = [r for r, s in zip(rows, picks, strict=True) if s >= bar]
+    kept, counts = best_of_k(model, tokenizer, judge, prompts, k=3, max_new_tokens=96, seed=7, targets=targets,
+                             min_rows=0)
+    assert counts["bar"] == round(bar, 3) and kept == above
+    best_below = max((s, i) for i, s in enumerate(picks) if rows[i] not in above)[1] if len(above) < len(rows) else None
+    kept, counts = best_of_k(model, tokenizer, judge, prompts, k=3, max_new_tokens=96, seed=7, targets=targets,
+                             min_rows=len(targets) + len(above) + 1)
+    assert kept == [r for i, r in enumerate(rows) if r in above or i == best_below]  # one more: the best below
+
 
 def test_rl_optimises_the_judge_and_takes_points_off_broken_answers(default_model, trained, tmp_path):
     """The rl stage: GRPO samples answers to the users' prompts, scored by the reward model and the no-collapse
