@@ -3,8 +3,8 @@
 `auto` picks what moved behaviour on the default model. With users' edits it trains SFT (shared/probes/learning.md:
 SFT on edits took held-out approval 0% -> 94% where DPO on the same edits, at reward accuracy 1.0, gave 6% and KTO
 on thumbs nothing); that stage also learns from the answers users approved (filtered behaviour cloning) and from
-best-of-k samples picked by the reward model (worker/sampling.py). Without edits it trains the same SFT on approved
-answers and best-of-k picks (rejection sampling), which moved a replayed thumbs-only round further than `rl`;
+best-of-k samples the reward model rates as highly as those (worker/sampling.py). Without edits it trains the same
+SFT on approved answers and best-of-k picks (rejection sampling), which moved thumbs-only rounds further than `rl`;
 with nothing to imitate, `rl` against a trusted reward model, else DPO on enough pairs, else KTO on thumbs. Each
 can be asked for.
 
@@ -168,13 +168,13 @@ def plan_stages(config: TrainConfig, data: TrainingData, trusted_judge: bool = F
             raise NoUsableData(f"{config.algorithm} needs at least {minimum} training rows, the feedback gives "
                                f"{available}")
         return [config.algorithm]
-    # Users' edits say exactly what they wanted: imitating them (with approved answers and best-of-k picks) moved
-    # held-out approval 4% -> 40% -> 73% over two 64-vote rounds (bench/loop.py, concise, 30% edits). Without edits,
-    # imitating the reward model's favourite of 8 samples per prompt with the approved answers (rejection sampling)
-    # moved a replayed thumbs-only round 4% -> 21% where rl on the same judge reached 8% in 1.2x the time
-    # (bench/rl_replay.py); SFT on the few approved answers alone looped and the gate refused it. rl trains when
-    # there is nothing to imitate. A DPO stage after SFT pushed a round past 10 minutes on a 2-core CPU, and DPO
-    # alone barely moved answers in shared/probes/learning.md: ask for it explicitly.
+    # Users' edits say exactly what they wanted: imitating them and the approved answers moved a replayed 64-vote
+    # round with 30% edits 4% -> 79% (bench/rl_replay.py, concise). Without edits, the approved answers with the
+    # reward model's favourites of 8 samples per prompt (rejection sampling, worker/sampling.py) moved thumbs-only
+    # rounds 4% -> 21% -> 46% (bench/loop.py), where rl on the same judge reached 8% in a replayed round; SFT on
+    # the few approved answers alone looped and the gate refused it. rl trains when there is nothing to imitate.
+    # A DPO stage after SFT pushed a round past 10 minutes on a 2-core CPU, and DPO alone barely moved answers in
+    # shared/probes/learning.md: ask for it explicitly.
     if sft:
         return ["sft"]
     if trusted_judge and prompts_for_rl(config, data):
