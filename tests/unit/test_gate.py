@@ -93,22 +93,26 @@ def _conversation(q: str, a: str) -> tuple[list[dict], list[dict]]:
 
 def test_sft_imitates_edits_approved_answers_and_best_of_k_once_each():
     data = TrainingData()
-    prompt, answer = _conversation("Name a fruit.", "An apple.")
+    prompt, answer = _conversation("Name a fruit.", "An apple is a fruit.")
     data.sft.train.append({"messages": prompt + answer})
-    data.kto.train += [{"prompt": prompt, "completion": answer, "label": True},  # the same row as the edit
-                       {"prompt": prompt, "completion": [{"role": "assistant", "content": "A pear."}], "label": True},
-                       {"prompt": prompt, "completion": [{"role": "assistant", "content": "Rocks."}], "label": False}]
+
+    def thumb(text: str, label: bool) -> dict:
+        return {"prompt": prompt, "completion": [{"role": "assistant", "content": text}], "label": label}
+
+    data.kto.train += [thumb("An apple is a fruit.", True),  # the same row as the edit
+                       thumb("A pear, a sweet fruit.", True), thumb("Rocks.", False),
+                       thumb("Blue sky today.", True)]  # approved, but off topic: not imitated
     data.best_of_k.append({"messages": prompt + [{"role": "assistant", "content": "A plum."}]})
     answers = sorted(r["messages"][-1]["content"] for r in sft_rows(TrainConfig(), data))
-    assert answers == ["A pear.", "A plum.", "An apple."]
+    assert answers == ["A pear, a sweet fruit.", "A plum.", "An apple is a fruit."]
     assert sorted(r["messages"][-1]["content"] for r in sft_rows(TrainConfig(sft_on_approved=False), data)) == [
-        "A plum.", "An apple."]
+        "A plum.", "An apple is a fruit."]
 
 
 def test_auto_imitates_approved_answers_and_best_of_k_picks_and_trains_rl_only_with_nothing_to_imitate():
     data = TrainingData()
     for i in range(4):
-        prompt, good = _conversation(f"Question {i}?", "Short.")
+        prompt, good = _conversation(f"Question {i}?", "A short question.")
         data.kto.train += [{"prompt": prompt, "completion": good, "label": True},
                            {"prompt": prompt, "completion": [{"role": "assistant", "content": "Long."}],
                             "label": False}]
@@ -154,7 +158,7 @@ def test_best_of_k_and_the_gate_take_the_newest_distinct_prompts():
 def test_best_of_k_samples_only_prompts_users_gave_no_answer_to_imitate():
     data = TrainingData()
     for q in ("edited?", "approved?", "refused?"):
-        prompt, answer = _conversation(q, "A long answer.")
+        prompt, answer = _conversation(q, f"An answer: {q}")
         data.kto.train.append({"prompt": prompt, "completion": answer, "label": q == "approved?"})
     prompt, edit = _conversation("edited?", "Short.")
     data.sft.train = [{"messages": prompt + edit}]
