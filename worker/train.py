@@ -145,8 +145,8 @@ def sft_rows(config: TrainConfig, data: TrainingData) -> list[dict]:
     """What the SFT stage imitates: edits, then approved answers and best-of-k samples, one row per conversation.
 
     Approved answers must pass the no-collapse checks, as best-of-k picks do: a user who wants short answers
-    approves short gibberish too (4 of 25 in a thumbs-only benchmark round were off topic), and imitating it took
-    the candidate's on-topic answers from 100% to 87%, which the gate refused."""
+    approves short gibberish too: 4 of 25 in a thumbs-only benchmark round were off topic, and the candidate that
+    imitated them answered 87% of the gate's prompts on topic against production's 100% (refused)."""
     from worker.checks import neutral_checks
     from worker.sampling import last_user_turn
 
