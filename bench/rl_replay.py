@@ -12,8 +12,9 @@ Run (after ``python bench/loop.py --preference concise --edit-rate 0 --rounds 2`
 ``python bench/rl_replay.py --variant lr1e3:learning_rate=0.001 iter2:rl_iterations=2`` (minutes per variant).
 A variant may train another algorithm on the same round, e.g. rejection sampling:
 ``bok:algorithm=sft,best_of_k=4`` samples 4 answers to each of the newest 32 training prompts users gave no edit
-or approved answer, keeps the judge's favourite finished one per prompt (worker/sampling.py, as the worker does) and
-trains SFT on them.
+or approved answer, keeps the judge's favourite finished one per prompt when it clears the worker's bar
+(worker/sampling.py, as the worker does; ``bar=targets`` the median score of users' targets, ``bar=none`` every pick)
+and trains SFT on them.
 Writes JSON to bench/results/rl-replay-<UTC timestamp>.json (or --out).
 """
 
@@ -33,10 +34,19 @@ from users import PREFERENCES, make_user, neutral_checks, words
 from service.settings import Settings
 from worker.data import build_training_data
 from worker.reward import RewardModel
-from worker.sampling import best_of_k, generate, newest_training_prompts
+from worker.sampling import (
+    MIN_SFT_ROWS,
+    generate,
+    judged_picks,
+    newest_training_prompts,
+    pick_bar,
+    pick_rows,
+    targets_bar,
+)
 from worker.train import TrainConfig, sft_rows, train_adapter
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PICKS: dict[tuple, list] = {}  # judged picks per (k, seed, targets): variants differing only in the bar share them
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -62,11 +72,20 @@ def replay(name: str, overrides: dict, data, judge, args, heldout: list[str]) ->
     steps = {"max_steps": args.max_steps} if args.max_steps else {}
     config = {"algorithm": "rl", **steps, **overrides}
     k = config.pop("best_of_k", 0)  # the worker's FLYWHEEL_BEST_OF_K: the judge's picks of k samples become SFT rows
+    bar_rule = config.pop("bar", "worker")  # the bar a pick must clear (worker/sampling.py): worker, targets, none
+    min_rows = config.pop("min_rows", MIN_SFT_ROWS)
     model, tokenizer = load_pretrained(args.base_model, device="cpu")
+    data.best_of_k, selected = [], {}  # an earlier variant's picks are not users' targets
     targets = sft_rows(TrainConfig(**config), data)
     prompts = newest_training_prompts(data, args.best_of_prompts, targeted=targets)
-    data.best_of_k = best_of_k(model, tokenizer, judge, prompts, k=k, max_new_tokens=args.max_tokens,
-                               targets=targets, seed=config.get("seed", 0))[0] if k > 1 and prompts else []
+    if k > 1 and prompts:
+        key = (k, config.get("seed", 0), len(targets))
+        if key not in PICKS:  # sampling is most of a variant's time, and the same for every bar
+            PICKS[key] = judged_picks(model, tokenizer, judge, prompts, k=k, max_new_tokens=args.max_tokens,
+                                      seed=config.get("seed", 0))[0]
+        bar = {"worker": lambda: pick_bar(judge, targets, data.kto.train),
+               "targets": lambda: targets_bar(judge, targets), "none": lambda: None}[bar_rule]()
+        data.best_of_k, selected = pick_rows(PICKS[key], bar, targets=len(targets), min_rows=min_rows)
     result = train_adapter(TrainConfig(**config), data, args.base_model, out, on_progress=progress.append,
                            judge=judge)
     seconds = time.perf_counter() - started
@@ -76,6 +95,7 @@ def replay(name: str, overrides: dict, data, judge, args, heldout: list[str]) ->
     user = make_user(args.preference, 0.0, seed=0)
     checks = [neutral_checks(q, a.text, a.finished) for q, a in zip(heldout, answers, strict=True)]
     return {"name": name, "overrides": overrides, "train_s": seconds, "steps": result.stages[0]["steps"],
+            "targets": len(targets), "best_of_k": selected,
             "rows": result.stages[0]["rows"],
             "approval": sum(user.approves(q, a.text) for q, a in zip(heldout, answers, strict=True)) / len(heldout),
             "mean_words": sum(len(words(a.text)) for a in answers) / len(answers),
@@ -115,11 +135,12 @@ def main() -> int:
     runs = [replay(name, sets, data, judge, args, heldout)
             for name, sets in [parse_variant(f"baseline:{args.baseline}"), *map(parse_variant, args.variant)]]
     base = runs[0]
-    rows = [[r["name"], r["rows"], r["steps"], r["train_s"], r["train_s"] / base["train_s"], r["approval"],
-             r["approval"] - base["approval"], r["mean_words"], r["neutral"]["on_topic"], r["neutral"]["not_looping"],
-             r["neutral"]["finished"]] for r in runs]
-    print(format_table(["variant", "rows", "steps", "train s", "x time", "approval", "vs base", "words", "on topic",
-                        "not looping", "finished"], rows))
+    rows = [[r["name"], r["targets"], r["best_of_k"].get("bar"), r["best_of_k"].get("above_bar"), r["rows"],
+             r["steps"], r["train_s"], r["train_s"] / base["train_s"], r["approval"], r["approval"] - base["approval"],
+             r["mean_words"], r["neutral"]["on_topic"], r["neutral"]["not_looping"], r["neutral"]["finished"]]
+            for r in runs]
+    print(format_table(["variant", "targets", "bar", "above bar", "rows", "steps", "train s", "x time", "approval",
+                        "vs base", "words", "on topic", "not looping", "finished"], rows))
     out = args.out or RESULTS_DIR / f"rl-replay-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"judge_version": judge.version, "judge_heldout_accuracy": judge.heldout_accuracy,

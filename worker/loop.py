@@ -239,7 +239,7 @@ class Worker:
         """Sample from what serves now, keep the judge's favourites as SFT rows (into ``data``).
 
         Only prompts users left without a target (an edit or an approved answer says what they want better than the
-        judge's guess), and only picks the judge rates as highly as those targets (worker/sampling.py)."""
+        judge's guess), and only picks the judge scores as users would approve them (worker/sampling.py)."""
         from service.engine.weights import load_pretrained
         from worker.sampling import best_of_k, device, newest_training_prompts
         from worker.train import sft_rows
@@ -256,7 +256,8 @@ class Worker:
 
             model = PeftModel.from_pretrained(model, production_path).eval()
         data.best_of_k, counts = best_of_k(model, tokenizer, judge, prompts, k=t.best_of_k, targets=targets,
-                                           max_new_tokens=GateConfig.max_new_tokens, seed=config.seed)
+                                           thumbs=data.kto.train, max_new_tokens=GateConfig.max_new_tokens,
+                                           seed=config.seed)
         return {**counts, "seconds": round(time.monotonic() - started, 1)}
 
     async def _start_canary(self, version: int) -> None:

@@ -93,37 +93,88 @@ def newest_training_prompts(data, limit: int, targeted: Sequence[dict] = ()) -> 
     return [p for p in prompts if json.dumps(p, sort_keys=True) not in skip][-limit:]
 
 
-def best_of_k(model, tokenizer, judge, prompts: Sequence[Conversation], *, k: int, max_new_tokens: int,
-              targets: Sequence[dict] = (), min_rows: int = MIN_SFT_ROWS, temperature: float = SAMPLE_TEMPERATURE,
-              seed: int = 0) -> tuple[list[dict], dict]:
-    """SFT rows ``{"messages": prompt + [best answer]}`` and counts: the best usable sample of each prompt that the
-    judge scores at least as high as the median of ``targets``, the users' own SFT rows (edits, approved answers);
-    when those rows and the picks above the bar are fewer than ``min_rows``, the next best picks fill in.
+@dataclass
+class Pick:
+    prompt: Conversation
+    answer: str
+    score: float  # the judge's
 
-    The bar keeps the judge's guesses from diluting what users said. On a 64-vote round with 30% edits
-    (bench/rl_replay.py, concise) SFT on the 18 edits and approved answers took held-out approval 4% -> 79%; adding
-    the judge's 19 favourites gave 33%. Users would approve 7 of them, the 7 it scored highest; the bar keeps 6 of
-    those and none of the rest. A few rows are not enough though: in a thumbs-only round the bar (the median of 5
-    approved answers) left no pick, and SFT on those 5 answers looped (bench/loop.py)."""
+
+def judged_picks(model, tokenizer, judge, prompts: Sequence[Conversation], *, k: int, max_new_tokens: int,
+                 temperature: float = SAMPLE_TEMPERATURE, seed: int = 0) -> tuple[list[Pick], dict]:
+    """The judge's favourite of ``k`` sampled answers to each prompt, best first, and counts. Only finished answers
+    that pass the no-collapse checks compete; a prompt with none has no pick."""
     samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, k=k, temperature=temperature,
                        seed=seed)
     usable = [[a for a in answers if a.finished and all(neutral_checks(last_user_turn(p), a.text).values())]
               for p, answers in zip(prompts, samples, strict=True)]
     flat = [(i, a) for i, answers in enumerate(usable) for a in answers]
     scores = judge.score([prompts[i] for i, _ in flat], [a.text for _, a in flat]) if flat else []
-    best: dict[int, tuple[float, Answer]] = {}
+    best: dict[int, Pick] = {}
     for (i, answer), score in zip(flat, scores, strict=True):
-        if i not in best or score > best[i][0]:
-            best[i] = (score, answer)
-    bar = statistics.median(judge.score([r["messages"][:-1] for r in targets],
-                                        [r["messages"][-1]["content"] for r in targets])) if targets else None
-    ranked = sorted(best, key=lambda i: -best[i][0])
-    above = [i for i in ranked if bar is None or best[i][0] >= bar]
-    fill = [i for i in ranked if i not in above][:max(0, min_rows - len(targets) - len(above))]
-    rows = [{"messages": [*prompts[i], {"role": "assistant", "content": best[i][1].text}]}
-            for i in sorted(above + fill)]
-    return rows, {"prompts": len(prompts), "samples": sum(map(len, samples)), "usable_samples": len(flat),
-                  "bar": None if bar is None else round(bar, 3), "above_bar": len(above), "rows": len(rows)}
+        if i not in best or score > best[i].score:
+            best[i] = Pick(prompts[i], answer.text, score)
+    picks = sorted(best.values(), key=lambda pick: -pick.score)
+    return picks, {"prompts": len(prompts), "samples": sum(map(len, samples)), "usable_samples": len(flat)}
+
+
+def pick_rows(picks: Sequence[Pick], bar: float | None, *, targets: int, min_rows: int = MIN_SFT_ROWS
+              ) -> tuple[list[dict], dict]:
+    """SFT rows of the picks (best first) that score at least ``bar``; when ``targets`` (the users' own rows) and
+    those are fewer than ``min_rows``, the next best picks fill in."""
+    above = [p for p in picks if bar is None or p.score >= bar]
+    fill = [p for p in picks if p not in above][:max(0, min_rows - targets - len(above))]
+    rows = [{"messages": [*p.prompt, {"role": "assistant", "content": p.answer}]} for p in above + fill]
+    return rows, {"bar": None if bar is None else round(bar, 3), "above_bar": len(above), "rows": len(rows)}
+
+
+def targets_bar(judge, targets: Sequence[dict]) -> float | None:
+    """The median judge score of the users' own SFT rows (edits, approved answers); None without any."""
+    if not targets:
+        return None
+    return statistics.median(judge.score([r["messages"][:-1] for r in targets],
+                                         [r["messages"][-1]["content"] for r in targets]))
+
+
+def boundary_bar(judge, thumbs: Sequence[dict]) -> float | None:
+    """Midway between the judge's median score of up-voted and of down-voted answers (KTO rows): where it starts to
+    think users approve. None without both kinds."""
+    ups = [r for r in thumbs if r["label"]]
+    downs = [r for r in thumbs if not r["label"]]
+    if not (ups and downs):
+        return None
+
+    def median(rows):
+        return statistics.median(judge.score([r["prompt"] for r in rows], [r["completion"][-1]["content"]
+                                                                           for r in rows]))
+
+    return (median(ups) + median(downs)) / 2
+
+
+def best_of_k(model, tokenizer, judge, prompts: Sequence[Conversation], *, k: int, max_new_tokens: int,
+              targets: Sequence[dict] = (), thumbs: Sequence[dict] = (), min_rows: int = MIN_SFT_ROWS,
+              temperature: float = SAMPLE_TEMPERATURE, seed: int = 0) -> tuple[list[dict], dict]:
+    """SFT rows ``{"messages": prompt + [best answer]}`` and counts: the best usable sample of each prompt, kept when
+    the judge scores it as users would approve it (``boundary_bar`` of the ``thumbs``, KTO rows; without both kinds
+    of thumb, the median of ``targets``, the users' own SFT rows); when ``targets`` and those picks are fewer than
+    ``min_rows``, the next best picks fill in.
+
+    The bar keeps the judge's guesses from diluting what users said: on a 64-vote round with 30% edits
+    (bench/rl_replay.py, concise) SFT on the 18 edits and approved answers took held-out approval 4% -> 79%, and
+    adding all the judge's 19 favourites gave 33%; users would approve 7 of them, the 7 it scored highest. The bar
+    must not be what users' targets score, though: in a thumbs-only round 2 the approved answers (short answers to
+    questions with short answers) set a bar no pick cleared, and SFT on them alone left approval at 4%; the boundary
+    kept 7 picks and gave 12%. Too few rows loop: 5 approved answers alone did (bench/loop.py), hence the fill."""
+    picks, counts = judged_picks(model, tokenizer, judge, prompts, k=k, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, seed=seed)
+    rows, selected = pick_rows(picks, pick_bar(judge, targets, thumbs), targets=len(targets), min_rows=min_rows)
+    return rows, {**counts, **selected}
+
+
+def pick_bar(judge, targets: Sequence[dict], thumbs: Sequence[dict]) -> float | None:
+    """The score a best-of-k pick must reach: ``boundary_bar`` of the thumbs, else ``targets_bar``."""
+    bar = boundary_bar(judge, thumbs)
+    return targets_bar(judge, targets) if bar is None else bar
 
 
 def last_user_turn(prompt: Conversation) -> str:

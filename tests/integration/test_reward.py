@@ -140,6 +140,18 @@ def test_best_of_k_keeps_the_judges_favourite_finished_answer_per_prompt(default
                              min_rows=len(targets) + len(above) + 1)
     assert kept == [r for i, r in enumerate(rows) if r in above or i == best_below]  # one more: the best below
 
+    # With thumbs of both kinds, the bar is where the judge starts to think users approve: midway between its median
+    # score of the up-voted and of the down-voted answers.
+    thumbs = [{"prompt": t["messages"][:1], "completion": t["messages"][1:], "label": label}
+              for t, label in zip(targets, (True, True, False), strict=True)]
+    ups = judge.score([t["prompt"] for t in thumbs[:2]], [t["completion"][0]["content"] for t in thumbs[:2]])
+    down = judge.score([thumbs[2]["prompt"]], [thumbs[2]["completion"][0]["content"]])[0]
+    boundary = (sum(ups) / 2 + down) / 2
+    kept, counts = best_of_k(model, tokenizer, judge, prompts, k=3, max_new_tokens=96, seed=7, targets=targets,
+                             thumbs=thumbs, min_rows=0)
+    assert counts["bar"] == round(boundary, 3)
+    assert kept == [r for r, s in zip(rows, picks, strict=True) if s >= boundary]
+
 
 def test_rl_optimises_the_judge_and_takes_points_off_broken_answers(default_model, trained, tmp_path):
     """The rl stage: GRPO samples answers to the users' prompts, scored by the reward model and the no-collapse

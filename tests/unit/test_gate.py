@@ -18,7 +18,7 @@ from worker.evaluate import (
     rule_failures,
 )
 from worker.reward import confidently_above
-from worker.sampling import Answer, newest_training_prompts, unique_prompts
+from worker.sampling import Answer, Pick, newest_training_prompts, pick_rows, unique_prompts
 from worker.train import NoUsableData, TrainConfig, plan_stages, prompts_for_rl, sft_rows
 
 ALL_PASS = {"not_empty": 1.0, "on_topic": 1.0, "not_looping": 1.0, "finished": 1.0}
@@ -165,6 +165,20 @@ def test_best_of_k_samples_only_prompts_users_gave_no_answer_to_imitate():
     targeted = sft_rows(TrainConfig(), data)  # the edit and the approved answer
     assert [p[0]["content"] for p in newest_training_prompts(data, 32, targeted)] == ["refused?"]
     assert len(newest_training_prompts(data, 32)) == 3  # rl samples every prompt
+
+
+def test_best_of_k_keeps_picks_above_the_bar_and_fills_with_the_next_best_up_to_min_rows():
+    picks = [Pick(_conversation(f"q{i}?", "")[0], f"answer {i}", score) for i, score in enumerate((3.0, 2.0, 1.0, 0.0))]
+
+    def kept(rows):
+        return [r["messages"][-1]["content"] for r in rows]
+
+    rows, counts = pick_rows(picks, 1.5, targets=2, min_rows=5)
+    assert kept(rows) == ["answer 0", "answer 1", "answer 2"]  # 2 above the bar, 1 more makes 5 rows with targets
+    assert counts == {"bar": 1.5, "above_bar": 2, "rows": 3}
+    assert kept(pick_rows(picks, 1.5, targets=4, min_rows=5)[0]) == ["answer 0", "answer 1"]  # enough already
+    assert kept(pick_rows(picks, None, targets=0, min_rows=0)[0]) == [f"answer {i}" for i in range(4)]
+    assert pick_rows([], 1.0, targets=0)[0] == []
 
 
 def test_the_shipped_gate_prompts_load_and_share_no_topic_with_the_benchmarks_prompts():
