@@ -43,10 +43,10 @@ from worker.sampling import (
     pick_rows,
     targets_bar,
 )
-from worker.train import TrainConfig, sft_rows, train_adapter
+from worker.train import TrainConfig, train_adapter, user_targets
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-PICKS: dict[tuple, list] = {}  # judged picks per (k, seed, targets): variants differing only in the bar share them
+PICKS: dict[tuple, list] = {}  # judged picks per (k, seed, prompts): variants differing only in the bar share them
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -75,11 +75,11 @@ def replay(name: str, overrides: dict, data, judge, args, heldout: list[str]) ->
     bar_rule = config.pop("bar", "worker")  # the bar a pick must clear (worker/sampling.py): worker, targets, none
     min_rows = config.pop("min_rows", MIN_SFT_ROWS)
     model, tokenizer = load_pretrained(args.base_model, device="cpu")
-    data.best_of_k, selected = [], {}  # an earlier variant's picks are not users' targets
-    targets = sft_rows(TrainConfig(**config), data)
+    data.best_of_k, selected = [], {}  # not an earlier variant's picks
+    targets = user_targets(TrainConfig(**config), data)
     prompts = newest_training_prompts(data, args.best_of_prompts, targeted=targets)
     if k > 1 and prompts:
-        key = (k, config.get("seed", 0), len(targets))
+        key = (k, config.get("seed", 0), json.dumps(prompts))
         if key not in PICKS:  # sampling is most of a variant's time, and the same for every bar
             PICKS[key] = judged_picks(model, tokenizer, judge, prompts, k=k, max_new_tokens=args.max_tokens,
                                       seed=config.get("seed", 0))[0]

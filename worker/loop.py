@@ -242,11 +242,11 @@ class Worker:
         judge's guess), and only picks the judge scores as users would approve them (worker/sampling.py)."""
         from service.engine.weights import load_pretrained
         from worker.sampling import best_of_k, device, newest_training_prompts
-        from worker.train import sft_rows
+        from worker.train import user_targets
 
         t = self.settings.training
         started = time.monotonic()
-        targets = sft_rows(config, data)
+        targets = user_targets(config, data)
         prompts = newest_training_prompts(data, t.best_of_prompts, targeted=targets)
         if not prompts:
             return {"prompts": 0, "rows": 0, "seconds": 0.0}

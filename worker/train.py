@@ -142,7 +142,12 @@ class TrainConfig:
 
 
 def sft_rows(config: TrainConfig, data: TrainingData) -> list[dict]:
-    """What the SFT stage imitates: edits, then approved answers and best-of-k samples, one row per conversation.
+    """What the SFT stage imitates: users' targets and best-of-k samples, one row per conversation."""
+    return _one_per_conversation(user_targets(config, data) + list(data.best_of_k))
+
+
+def user_targets(config: TrainConfig, data: TrainingData) -> list[dict]:
+    """The answers users gave or approved, as SFT rows: edits, then approved answers, one row per conversation.
 
     Approved answers must pass the no-collapse checks, as best-of-k picks do: a user who wants short answers
     approves short gibberish too: 4 of 25 in a thumbs-only benchmark round were off topic, and the candidate that
@@ -150,10 +155,14 @@ def sft_rows(config: TrainConfig, data: TrainingData) -> list[dict]:
     from worker.checks import neutral_checks
     from worker.sampling import last_user_turn
 
-    rows = list(data.sft.train) + list(data.best_of_k)
+    rows = list(data.sft.train)
     if config.sft_on_approved:
         rows += [{"messages": r["prompt"] + r["completion"]} for r in data.kto.train if r["label"] and all(
             neutral_checks(last_user_turn(r["prompt"]), r["completion"][-1]["content"]).values())]
+    return _one_per_conversation(rows)
+
+
+def _one_per_conversation(rows: list[dict]) -> list[dict]:
     unique = {json.dumps(r["messages"], sort_keys=True): r for r in rows}
     return list(unique.values())
 

@@ -19,7 +19,7 @@ from worker.evaluate import (
 )
 from worker.reward import confidently_above
 from worker.sampling import Answer, Pick, newest_training_prompts, pick_rows, unique_prompts
-from worker.train import NoUsableData, TrainConfig, plan_stages, prompts_for_rl, sft_rows
+from worker.train import NoUsableData, TrainConfig, plan_stages, prompts_for_rl, sft_rows, user_targets
 
 ALL_PASS = {"not_empty": 1.0, "on_topic": 1.0, "not_looping": 1.0, "finished": 1.0}
 
@@ -162,7 +162,7 @@ def test_best_of_k_samples_only_prompts_users_gave_no_answer_to_imitate():
         data.kto.train.append({"prompt": prompt, "completion": answer, "label": q == "approved?"})
     prompt, edit = _conversation("edited?", "Short.")
     data.sft.train = [{"messages": prompt + edit}]
-    targeted = sft_rows(TrainConfig(), data)  # the edit and the approved answer
+    targeted = user_targets(TrainConfig(), data)  # the edit and the approved answer
     assert [p[0]["content"] for p in newest_training_prompts(data, 32, targeted)] == ["refused?"]
     assert len(newest_training_prompts(data, 32)) == 3  # rl samples every prompt
 
