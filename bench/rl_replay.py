@@ -2,7 +2,7 @@
 
 ``bench/loop.py`` keeps its database (``flywheel_loop_bench``) and data folder (``bench/results/loop-data``) after a
 run. This script rebuilds the worker's training data from that database exactly as a run does, takes the newest
-reward model the run trained, and for the baseline (``rl``'s defaults, or ``--baseline``) and each ``--variant``
+reward model the run trained (with ``--run N``: the votes training run N saw and the judge it trained), and for the baseline (``rl``'s defaults, or ``--baseline``) and each ``--variant``
 trains with ``worker.train.train_adapter`` from the base; then the adapter answers the benchmark's held-out prompts
 greedily, judged by the hidden preference (approval), with mean words and the no-collapse checks. Ratios are against
 the baseline of the same run. A first round replays exactly what the worker did; later rounds sample best-of-k from
@@ -14,7 +14,7 @@ A variant may train another algorithm on the same round, e.g. rejection sampling
 ``bok:algorithm=sft,best_of_k=4`` samples 4 answers to each of the newest 32 training prompts users gave no edit
 or approved answer, keeps the judge's favourite finished one per prompt when it clears the worker's bar
 (worker/sampling.py, as the worker does; ``bar=targets`` the median score of users' targets, ``bar=none`` every pick)
-and trains SFT on them.
+and trains SFT on them; ``prompts=N`` samples the newest N such prompts instead.
 Writes JSON to bench/results/rl-replay-<UTC timestamp>.json (or --out).
 """
 
@@ -74,10 +74,11 @@ def replay(name: str, overrides: dict, data, judge, args, heldout: list[str]) ->
     k = config.pop("best_of_k", 0)  # the worker's FLYWHEEL_BEST_OF_K: the judge's picks of k samples become SFT rows
     bar_rule = config.pop("bar", "worker")  # the bar a pick must clear (worker/sampling.py): worker, targets, none
     min_rows = config.pop("min_rows", MIN_SFT_ROWS)
+    best_of_prompts = config.pop("prompts", args.best_of_prompts)  # the worker's FLYWHEEL_BEST_OF_PROMPTS
     model, tokenizer = load_pretrained(args.base_model, device="cpu")
     data.best_of_k, selected = [], {}  # not an earlier variant's picks
     targets = user_targets(TrainConfig(**config), data)
-    prompts = newest_training_prompts(data, args.best_of_prompts, targeted=targets)
+    prompts = newest_training_prompts(data, best_of_prompts, targeted=targets)
     if k > 1 and prompts:
         key = (k, config.get("seed", 0), json.dumps(prompts))
         if key not in PICKS:  # sampling is most of a variant's time, and the same for every bar
@@ -106,13 +107,16 @@ def replay(name: str, overrides: dict, data, judge, args, heldout: list[str]) ->
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", nargs="*", default=[], help="name:key=value,... (TrainConfig fields, and "
-                        "best_of_k=K: sample K answers per prompt first, the judge's favourite an SFT row)")
+                        "best_of_k=K: sample K answers per prompt first, the judge's favourite an SFT row; "
+                        "prompts=N: that many prompts)")
     parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/flywheel_loop_bench")
     parser.add_argument("--reward-dir", type=Path, default=RESULTS_DIR / "loop-data" / "reward")
     parser.add_argument("--baseline", default="algorithm=rl", help="key=value,... of the baseline (default: rl)")
     parser.add_argument("--max-steps", type=int, help="steps for every variant, the baseline too (a quick check)")
     parser.add_argument("--preference", choices=sorted(PREFERENCES), default="concise")
     parser.add_argument("--heldout", type=int, default=48)
+    parser.add_argument("--run", type=int, help="replay this training run of the bench's database: the votes it "
+                        "saw and its judge (default: all votes and the newest judge)")
     parser.add_argument("--best-of-prompts", type=int, default=32, help="prompts a best_of_k variant samples")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path)
@@ -123,12 +127,19 @@ def main() -> int:
     async def load():
         conn = await asyncpg.connect(args.database_url)
         try:
-            return await build_training_data(conn, training.heldout_fraction, training.max_owner_share)
+            run = await conn.fetchrow("SELECT data_until, metrics->'reward_model'->>'version' AS judge "
+                                      "FROM training_runs WHERE id = $1", args.run) if args.run else None
+            if args.run and (run is None or run["judge"] is None):
+                raise SystemExit(f"training run {args.run} is not in {args.database_url} or trained no judge")
+            data = await build_training_data(conn, training.heldout_fraction, training.max_owner_share,
+                                             until=run and run["data_until"])
+            return data, run and int(run["judge"])
         finally:
             await conn.close()
 
-    data = asyncio.run(load())
-    judge = RewardModel.latest(args.reward_dir, args.base_model)
+    data, judge_version = asyncio.run(load())
+    judge = RewardModel(args.reward_dir / str(judge_version), args.base_model) if judge_version else \
+        RewardModel.latest(args.reward_dir, args.base_model)
     if judge is None:
         raise SystemExit(f"no reward model under {args.reward_dir}: run bench/loop.py first")
     heldout = [p.text for p in split(load_prompts())["heldout"]][: args.heldout]

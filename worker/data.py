@@ -80,9 +80,10 @@ async def count_new_feedback(conn: asyncpg.Connection | asyncpg.Pool, since: dat
 
 
 async def build_training_data(conn: asyncpg.Connection | asyncpg.Pool, heldout_fraction: float,
-                              max_owner_share: float) -> TrainingData:
-    """All usable feedback up to now, split and capped; ``data_until`` is the newest feedback it saw."""
-    until = await conn.fetchval("SELECT now()")
+                              max_owner_share: float, until: datetime | None = None) -> TrainingData:
+    """All usable feedback up to ``until`` (default now: a replay passes an earlier run's), split and capped;
+    ``data_until`` is the newest feedback it saw."""
+    until = until or await conn.fetchval("SELECT now()")
     data = TrainingData(data_until=until)
     for fmt in FORMATS:
         rows = await export_rows(conn, fmt, ExportFilter(until=until))
