@@ -2,11 +2,12 @@
 
 ``bench/loop.py`` keeps its database (``flywheel_loop_bench``) and data folder (``bench/results/loop-data``) after a
 run. This script rebuilds the worker's training data from that database exactly as a run does, takes the newest
-reward model the run trained (with ``--run N``: the votes training run N saw and the judge it trained), and for the baseline (``rl``'s defaults, or ``--baseline``) and each ``--variant``
-trains with ``worker.train.train_adapter`` from the base; then the adapter answers the benchmark's held-out prompts
-greedily, judged by the hidden preference (approval), with mean words and the no-collapse checks. Ratios are against
-the baseline of the same run. A first round replays exactly what the worker did; later rounds sample best-of-k from
-the base, where the worker sampled from production.
+reward model the run trained (with ``--run N``: the votes training run N saw and the judge it trained), and for the
+baseline (``rl``'s defaults, or ``--baseline``) and each ``--variant`` trains with ``worker.train.train_adapter``
+from the base; then the adapter answers the benchmark's held-out prompts greedily, judged by the hidden preference
+(approval), with mean words and the no-collapse checks. Ratios are against the baseline of the same run. A first
+round replays exactly what the worker did; later rounds sample best-of-k from the base, where the worker sampled
+from production.
 
 Run (after ``python bench/loop.py --preference concise --edit-rate 0 --rounds 2``):
 ``python bench/rl_replay.py --variant lr1e3:learning_rate=0.001 iter2:rl_iterations=2`` (minutes per variant).

@@ -111,6 +111,10 @@ class TrainingSettings(msgspec.Struct, frozen=True, kw_only=True):
         int, _doc("Preference pairs (thumb pairs included) a run needs to train its reward model, the gate's judge; "
                   "0 never trains one.", ge=0)
     ] = 16
+    reward_validation_share: Annotated[
+        float, _doc("Share of training prompts whose votes the reward model sets aside, besides the held-out ones, to "
+                    "measure whether it can be trusted.", ge=0.0, lt=1.0)
+    ] = 0.15
     reward_max_steps: Annotated[
         int, _doc("Steps the run's reward model trains at most: its cost grows with the votes, and a judge needs to "
                   "rank answers, not to converge.", ge=1)

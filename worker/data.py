@@ -43,9 +43,10 @@ class TrainingData:
         return not any(getattr(self, fmt).train for fmt in FORMATS)
 
 
-def is_heldout(prompt_key: str, fraction: float) -> bool:
-    """Stable across runs and processes: a hash of the prompt, not a random draw."""
-    bucket = int(hashlib.sha256(f"heldout:{prompt_key}".encode()).hexdigest(), 16) % 10_000
+def is_heldout(prompt_key: str, fraction: float, salt: str = "heldout") -> bool:
+    """Stable across runs and processes: a hash of the prompt, not a random draw. Another ``salt`` draws another,
+    independent share of prompts."""
+    bucket = int(hashlib.sha256(f"{salt}:{prompt_key}".encode()).hexdigest(), 16) % 10_000
     return bucket < fraction * 10_000
 
 

@@ -227,7 +227,7 @@ class Worker:
         if not t.reward_min_pairs or pairs < t.reward_min_pairs:
             return None, {"reward_model": f"not trained: {pairs} preference pairs, {t.reward_min_pairs} needed"}
         reward_config = RewardTrainConfig(max_steps=min(config.max_steps or t.reward_max_steps, t.reward_max_steps),
-                                          seed=config.seed)
+                                          validation_share=t.reward_validation_share, seed=config.seed)
         result = train_reward_model(reward_config, data, self.settings.base_model, self.settings.data_dir / "reward",
                                     report, self.stop_training)
         m = result.metrics

@@ -84,7 +84,10 @@ async def test_enough_new_feedback_triggers_a_run_that_registers_a_gated_adapter
     assert adapter["status"] == ("canary" if verdict == "candidate" else "rejected")  # a passing one meets users
     assert {"candidate_accuracy", "kl_from_base", "stages", "gate_reasons"} <= set(adapter["metrics"])
     judge = adapter["metrics"]["reward_model"]  # the run trained its judge on the same votes, capped at 2 steps
-    assert judge["version"] == 1 and judge["steps"] == 2 and judge["counts"]["train_pairs"] >= 16
+    pairs = judge["counts"]["train_pairs"], judge["counts"]["heldout_pairs"]
+    assert judge["version"] == 1 and judge["steps"] == 2 and sum(pairs) == run["counts"]["dpo_train"] + \
+        run["counts"]["dpo_heldout"]  # every pair on one side: the run's held-out ones and a few more set aside
+    assert pairs[0] < run["counts"]["dpo_train"] and pairs[1] > run["counts"]["dpo_heldout"], (pairs, run["counts"])
     assert (Path(settings.data_dir) / "reward" / "1.json").is_file()
     assert adapter_digest(adapter["path"]) == (adapter["sha256"], adapter["size_bytes"])
     lineage = json.loads((Path(adapter["path"]) / "flywheel-lineage.json").read_text())
@@ -112,8 +115,8 @@ async def test_rl_without_a_trusted_reward_model_trains_nothing_and_says_why(set
     """rl optimises the judge: thumbs on 12 prompts hold out 2 pairs, too few to trust (6 of 6 right is the least)."""
     pool, redis = backends
     await seed_feedback(pool, prompts=12, edits=False)  # 10 training pairs: the judge trains with a lower minimum
-    settings = msgspec.structs.replace(settings, training=msgspec.structs.replace(settings.training,
-                                                                                  reward_min_pairs=8))
+    settings = msgspec.structs.replace(settings, training=msgspec.structs.replace(  # only the run's held-out split
+        settings.training, reward_min_pairs=8, reward_validation_share=0.0))
     queued = await runs.queue(pool, algorithm="rl", params={"algorithm": "rl"}, requested_by="test")
     assert await Worker(settings, pool, redis).cycle() == queued["id"]
     run = await runs.get(pool, queued["id"])

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from worker.data import Split, TrainingData
-from worker.reward import RewardTrainConfig, encode, preference_rows, versions
+from worker.reward import RewardTrainConfig, encode, preference_rows, validation_split, versions
 
 
 def _turn(role, text):
@@ -64,3 +64,25 @@ def test_only_complete_versions_count(tmp_path):
     (tmp_path / "3.json").write_text("{}")  # 2 has no JSON: an interrupted run
     (tmp_path / ".training-abc").mkdir()
     assert versions(tmp_path) == [1, 3]
+
+
+def test_the_judge_sets_a_stable_share_of_training_prompts_aside_to_be_measured_on():
+    thumbs = [{"prompt": _turn("user", f"Q{i}?"), "completion": _turn("assistant", f"a{i}"), "label": i % 3 == 0}
+              for i in range(200)]
+    heldout = [{"prompt": _turn("user", "H?"), "completion": _turn("assistant", "h"), "label": True}]
+    data = TrainingData(kto=Split(thumbs, heldout))
+    split = validation_split(data, 0.15, thumb_pairs=1)
+    aside = [r for r in split.kto.heldout if r not in heldout]
+    assert split.kto.heldout[:1] == heldout and 15 <= len(aside) <= 45  # about 30 of 200
+    assert sorted(split.kto.train + aside, key=lambda r: r["completion"][0]["content"]) == \
+        sorted(thumbs, key=lambda r: r["completion"][0]["content"])  # every vote on exactly one side
+    assert validation_split(data, 0.15, thumb_pairs=1) == split  # the same prompts every run
+    assert data.kto.train == thumbs and data.kto.heldout == heldout  # the run's own split is untouched
+    assert validation_split(data, 0.0, thumb_pairs=1).kto.train == thumbs
+
+
+def test_the_judge_keeps_its_training_rows_when_setting_aside_would_leave_none():
+    two = TrainingData(kto=Split([{"prompt": _turn("user", f"Q{i}?"), "completion": _turn("assistant", f"a{i}"),
+                                   "label": i == 0} for i in range(2)], []))
+    assert len(preference_rows(two, "train", thumb_pairs=1)) == 1
+    assert validation_split(two, 0.999, thumb_pairs=1) is two  # both set aside would leave no pair to learn
