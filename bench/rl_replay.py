@@ -5,9 +5,9 @@ run. This script rebuilds the worker's training data from that database exactly 
 reward model the run trained (with ``--run N``: the votes training run N saw and the judge it trained), and for the
 baseline (``rl``'s defaults, or ``--baseline``) and each ``--variant`` trains with ``worker.train.train_adapter``
 from the base; then the adapter answers the benchmark's held-out prompts greedily, judged by the hidden preference
-(approval), with mean words and the no-collapse checks. Ratios are against the baseline of the same run. A first
-round replays exactly what the worker did; later rounds sample best-of-k from the base, where the worker sampled
-from production.
+(approval), with mean words and the no-collapse checks. Ratios are against the baseline of the same run. With
+``--run N`` best-of-k samples from what served when run N started, as the worker did, and a variant with
+``start_from=production`` continues that adapter; without it (or before any adapter served) from the base.
 
 Run (after ``python bench/loop.py --preference concise --edit-rate 0 --rounds 2``):
 ``python bench/rl_replay.py --variant lr1e3:learning_rate=0.001 iter2:rl_iterations=2`` (minutes per variant).
@@ -62,7 +62,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, {k: value(v) for k, v in (s.split("=", 1) for s in sets.split(",") if s)}
 
 
-def replay(name: str, overrides: dict, data, judge, args, heldout: list[str]) -> dict:
+def replay(name: str, overrides: dict, data, judge, args, heldout: list[str], production: str | None) -> dict:
     from peft import PeftModel
 
     from service.engine.weights import load_pretrained
@@ -77,6 +77,8 @@ def replay(name: str, overrides: dict, data, judge, args, heldout: list[str]) ->
     min_rows = config.pop("min_rows", MIN_SFT_ROWS)
     best_of_prompts = config.pop("prompts", args.best_of_prompts)  # the worker's FLYWHEEL_BEST_OF_PROMPTS
     model, tokenizer = load_pretrained(args.base_model, device="cpu")
+    if production:  # the worker samples best-of-k from what serves
+        model = PeftModel.from_pretrained(model, production).eval()
     data.best_of_k, selected = [], {}  # not an earlier variant's picks
     targets = user_targets(TrainConfig(**config), data)
     prompts = newest_training_prompts(data, best_of_prompts, targeted=targets)
@@ -89,20 +91,26 @@ def replay(name: str, overrides: dict, data, judge, args, heldout: list[str]) ->
                "targets": lambda: targets_bar(judge, targets), "none": lambda: None}[bar_rule]()
         data.best_of_k, selected = pick_rows(PICKS[key], bar, targets=len(targets), min_rows=min_rows)
     result = train_adapter(TrainConfig(**config), data, args.base_model, out, on_progress=progress.append,
-                           judge=judge)
+                           parent_adapter=production, judge=judge)
     seconds = time.perf_counter() - started
-    model = PeftModel.from_pretrained(model, str(out)).eval()
+    model = PeftModel.from_pretrained(load_pretrained(args.base_model, device="cpu")[0], str(out)).eval()
     answers = [a[0] for a in generate(model, tokenizer, [[{"role": "user", "content": q}] for q in heldout],
                                       max_new_tokens=args.max_tokens)]
     user = make_user(args.preference, 0.0, seed=0)
     checks = [neutral_checks(q, a.text, a.finished) for q, a in zip(heldout, answers, strict=True)]
     return {"name": name, "overrides": overrides, "train_s": seconds, "steps": result.stages[0]["steps"],
             "targets": len(targets), "best_of_k": selected,
-            "rows": result.stages[0]["rows"],
+            "rows": result.stages[0]["rows"], "target_words": mean_words(targets),
+            "pick_words": mean_words(data.best_of_k),
             "approval": sum(user.approves(q, a.text) for q, a in zip(heldout, answers, strict=True)) / len(heldout),
             "mean_words": sum(len(words(a.text)) for a in answers) / len(answers),
             "neutral": {k: sum(c[k] for c in checks) / len(checks) for k in checks[0]},
             "reward_per_step": [p["reward"] for p in progress if "reward" in p]}
+
+
+def mean_words(rows: list[dict]) -> float | None:
+    """Mean words of SFT rows' answers: how long what the adapter imitates is."""
+    return sum(len(words(r["messages"][-1]["content"])) for r in rows) / len(rows) if rows else None
 
 
 def main() -> int:
@@ -128,31 +136,37 @@ def main() -> int:
     async def load():
         conn = await asyncpg.connect(args.database_url)
         try:
-            run = await conn.fetchrow("SELECT data_until, metrics->'reward_model'->>'version' AS judge "
+            run = await conn.fetchrow("SELECT data_until, started_at, metrics->'reward_model'->>'version' AS judge "
                                       "FROM training_runs WHERE id = $1", args.run) if args.run else None
             if args.run and (run is None or run["judge"] is None):
                 raise SystemExit(f"training run {args.run} is not in {args.database_url} or trained no judge")
             data = await build_training_data(conn, training.heldout_fraction, training.max_owner_share,
                                              until=run and run["data_until"])
-            return data, run and int(run["judge"])
+            production = run and await conn.fetchval(  # the version whose last event before the run promoted it
+                "SELECT a.path FROM (SELECT DISTINCT ON (version) version, to_status FROM adapter_events "
+                "WHERE at < $1 ORDER BY version, at DESC, id DESC) e JOIN adapters a USING (version) "
+                "WHERE e.to_status = 'production'", run["started_at"])
+            return data, run and int(run["judge"]), production
         finally:
             await conn.close()
 
-    data, judge_version = asyncio.run(load())
+    data, judge_version, production = asyncio.run(load())
     judge = RewardModel(args.reward_dir / str(judge_version), args.base_model) if judge_version else \
         RewardModel.latest(args.reward_dir, args.base_model)
     if judge is None:
         raise SystemExit(f"no reward model under {args.reward_dir}: run bench/loop.py first")
     heldout = [p.text for p in split(load_prompts())["heldout"]][: args.heldout]
-    runs = [replay(name, sets, data, judge, args, heldout)
+    print(f"production when the run started: {production or 'the base'}", file=sys.stderr)
+    runs = [replay(name, sets, data, judge, args, heldout, production)
             for name, sets in [parse_variant(f"baseline:{args.baseline}"), *map(parse_variant, args.variant)]]
     base = runs[0]
     rows = [[r["name"], r["targets"], r["best_of_k"].get("bar"), r["best_of_k"].get("above_bar"), r["rows"],
              r["steps"], r["train_s"], r["train_s"] / base["train_s"], r["approval"], r["approval"] - base["approval"],
-             r["mean_words"], r["neutral"]["on_topic"], r["neutral"]["not_looping"], r["neutral"]["finished"]]
+             r["target_words"], r["pick_words"], r["mean_words"], r["neutral"]["on_topic"], r["neutral"]["not_looping"],
+             r["neutral"]["finished"]]
             for r in runs]
     print(format_table(["variant", "targets", "bar", "above bar", "rows", "steps", "train s", "x time", "approval",
-                        "vs base", "words", "on topic", "not looping", "finished"], rows))
+                        "vs base", "target words", "pick words", "words", "on topic", "not looping", "finished"], rows))
     out = args.out or RESULTS_DIR / f"rl-replay-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"judge_version": judge.version, "judge_heldout_accuracy": judge.heldout_accuracy,
