@@ -46,8 +46,12 @@ class TrainingData:
 def is_heldout(prompt_key: str, fraction: float, salt: str = "heldout") -> bool:
     """Stable across runs and processes: a hash of the prompt, not a random draw. Another ``salt`` draws another,
     independent share of prompts."""
-    bucket = int(hashlib.sha256(f"{salt}:{prompt_key}".encode()).hexdigest(), 16) % 10_000
-    return bucket < fraction * 10_000
+    return draw(prompt_key, salt) < fraction * 10_000
+
+
+def draw(prompt_key: str, salt: str = "heldout") -> int:
+    """The prompt's place in ``salt``'s stable draw, 0-9999: shares of prompts are those below a bound."""
+    return int(hashlib.sha256(f"{salt}:{prompt_key}".encode()).hexdigest(), 16) % 10_000
 
 
 def cap_per_owner(rows: list[ExportRow], max_share: float) -> tuple[list[ExportRow], int]:

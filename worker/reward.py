@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from service.feedback.export import prompt_key
-from worker.data import Split, TrainingData, is_heldout
+from worker.data import Split, TrainingData, draw
 from worker.train import Cancelled, NoUsableData
 
 Conversation = list[dict]
@@ -106,17 +106,27 @@ def preference_rows(data: TrainingData, part: Literal["train", "heldout"], thumb
 def validation_split(data: TrainingData, share: float, thumb_pairs: int) -> TrainingData:
     """``data``'s pairs and thumbs as the judge splits them: the run's held-out rows, plus those of a further
     ``share`` of the training prompts (a stable draw by prompt, independent of the run's split), are what it is
-    measured on; the rest is what it learns from. Unchanged when the draw would leave it nothing to learn from.
+    measured on; the rest is what it learns from. When that leaves the measured thumbs without one label, the next
+    prompt in the draw with that label joins them (a share of each label, as in a stratified split). Unchanged when
+    the draw would leave the judge nothing to learn from.
 
     A 64-vote thumbs-only round held out 4 thumbs (3 pairs): all ranked right, yet too few to trust the judge, so
-    round 1 could not use it (bench/loop.py, seed 1). Its 16 steps of 4 pairs see at most 64 pairs anyway."""
-    def aside(row: dict) -> bool:
-        return is_heldout(prompt_key(row["prompt"]), share, salt="judge")
+    round 1 could not use it (bench/loop.py, seed 1); another (seed 2) held out and set aside no up-voted answer at
+    all, so the judge could not be measured. Its 16 steps of 4 pairs see at most 64 pairs anyway."""
+    def place(row: dict) -> int:
+        return draw(prompt_key(row["prompt"]), salt="judge")
 
+    aside = {prompt_key(r["prompt"]) for part in (data.dpo, data.kto) for r in part.train if place(r) < share * 10_000}
+    for label in (True, False) if share else ():
+        measured = any(r["label"] == label for r in data.kto.heldout) or any(
+            r["label"] == label and prompt_key(r["prompt"]) in aside for r in data.kto.train)
+        others = [r for r in data.kto.train if r["label"] == label and prompt_key(r["prompt"]) not in aside]
+        if not measured and len(others) >= 2:
+            aside.add(prompt_key(min(others, key=place)["prompt"]))
     split = TrainingData(dpo=Split(**vars(data.dpo)), kto=Split(**vars(data.kto)))
     for part in (split.dpo, split.kto):
-        part.heldout = part.heldout + [r for r in part.train if aside(r)]
-        part.train = [r for r in part.train if not aside(r)]
+        part.heldout = part.heldout + [r for r in part.train if prompt_key(r["prompt"]) in aside]
+        part.train = [r for r in part.train if prompt_key(r["prompt"]) not in aside]
     return split if preference_rows(split, "train", thumb_pairs) else data
 
 

@@ -86,3 +86,17 @@ def test_the_judge_keeps_its_training_rows_when_setting_aside_would_leave_none()
                                    "label": i == 0} for i in range(2)], []))
     assert len(preference_rows(two, "train", thumb_pairs=1)) == 1
     assert validation_split(two, 0.999, thumb_pairs=1) is two  # both set aside would leave no pair to learn
+
+
+def test_the_judge_is_measured_on_both_labels_when_the_draw_misses_one():
+    thumbs = [{"prompt": _turn("user", f"Q{i}?"), "completion": _turn("assistant", f"a{i}"), "label": i < 3}
+              for i in range(40)]  # 3 up, 37 down: a 15% draw by prompt misses the ups as often as not
+    data = TrainingData(kto=Split(thumbs, []))
+    for share in (0.05, 0.15, 0.3):
+        split = validation_split(data, share, thumb_pairs=1)
+        assert {r["label"] for r in split.kto.heldout} == {True, False}
+        assert sum(r["label"] for r in split.kto.train) >= 1  # the judge still learns what users approve
+        assert len(split.kto.train) + len(split.kto.heldout) == len(thumbs)
+        assert validation_split(data, share, thumb_pairs=1) == split  # stable
+    one_up = TrainingData(kto=Split(thumbs[2:], []))
+    assert not any(r["label"] for r in validation_split(one_up, 0.001, thumb_pairs=1).kto.heldout)  # its only up
