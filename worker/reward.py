@@ -121,7 +121,7 @@ def validation_split(data: TrainingData, share: float, thumb_pairs: int) -> Trai
         measured = any(r["label"] == label for r in data.kto.heldout) or any(
             r["label"] == label and prompt_key(r["prompt"]) in aside for r in data.kto.train)
         others = [r for r in data.kto.train if r["label"] == label and prompt_key(r["prompt"]) not in aside]
-        if not measured and len(others) >= 2:
+        if not measured and len({prompt_key(r["prompt"]) for r in others}) >= 2:  # one stays to learn from
             aside.add(prompt_key(min(others, key=place)["prompt"]))
     split = TrainingData(dpo=Split(**vars(data.dpo)), kto=Split(**vars(data.kto)))
     for part in (split.dpo, split.kto):

@@ -100,3 +100,6 @@ def test_the_judge_is_measured_on_both_labels_when_the_draw_misses_one():
         assert validation_split(data, share, thumb_pairs=1) == split  # stable
     one_up = TrainingData(kto=Split(thumbs[2:], []))
     assert not any(r["label"] for r in validation_split(one_up, 0.001, thumb_pairs=1).kto.heldout)  # its only up
+    same_prompt = [{**row, "prompt": _turn("user", "Q0?")} if row["label"] else row for row in thumbs[1:]]
+    assert not any(r["label"] for r in validation_split(TrainingData(kto=Split(same_prompt, [])), 0.001,
+                                                        thumb_pairs=1).kto.heldout)  # both ups answer one prompt
