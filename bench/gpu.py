@@ -6,10 +6,10 @@
 * training: ``worker.train.train_adapter`` for SFT, DPO and KTO, --steps steps each on small synthetic datasets, in
   bfloat16 (mixed precision) and in float32 on the same GPU; seconds per step, the loss moved, and the saved
   adapter loads into the CUDA engine and answers;
-* worker: the run's reward model (``worker.reward``) trained and loaded on the GPU, best-of-k sampling, the rl
-  stage (GRPO against that reward model, bf16) and the gate's behaviour check (``worker.evaluate``, greedy answers
-  of candidate and base to held-out and gate prompts, judged) on CUDA: seconds and the devices used. With random
-  weights the numbers check the code path, not what is learned.
+* worker: the run's reward model (``worker.reward``) trained and loaded on the GPU, best-of-k sampling and its bar
+  (the judge's scores of the thumbs), the rl stage (GRPO against that reward model, bf16) and the gate's behaviour
+  check (``worker.evaluate``, greedy answers of candidate and base to held-out and gate prompts, judged) on CUDA:
+  seconds and the devices used. With random weights the numbers check the code path, not what is learned.
 
 The model is --model, a local folder. Where its weights cannot be brought (a machine with no hub, a size limit on
 what travels), --random-init builds the same architecture from the folder's config and tokenizer with random
@@ -179,7 +179,8 @@ def worker_bench(model_dir: Path, adapter: Path, steps: int, scratch: Path) -> d
     model, tokenizer = load_pretrained(str(model_dir), device=device())
     prompts = [r["prompt"] for r in data.dpo.train[:16]]
     started = time.perf_counter()
-    rows, counts = best_of_k(model, tokenizer, judge, prompts, k=4, max_new_tokens=64)
+    rows, counts = best_of_k(model, tokenizer, judge, prompts, k=4, max_new_tokens=64, targets=data.sft.train,
+                             thumbs=data.kto.train)
     best_of_k_s = time.perf_counter() - started
     started = time.perf_counter()
     progress = []
