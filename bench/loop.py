@@ -199,10 +199,10 @@ async def train_and_roll_out(api: Api, args: argparse.Namespace) -> dict:
     out = {"run": run["id"], "train_s": time.perf_counter() - started, "adapter": version,
            "stages": "+".join(s.get("algorithm", "?") for s in metrics.get("stages") or []),
            "verdict": adapter["status"] if adapter else metrics.get("note", "no adapter"),
-           "gate": {k: metrics.get(k) for k in ("candidate_accuracy", "production_accuracy", "kl_from_base",
-                                                "changed_share", "judge_win_rate", "judge_margin",
-                                                "neutral_candidate", "neutral_production", "gate_reasons",
-                                                "reward_model", "best_of_k")}}
+           "gate": {k: metrics.get(k) for k in ("candidate_accuracy", "production_accuracy", "candidate_only_right",
+                                                "production_only_right", "kl_from_base", "changed_share",
+                                                "judge_win_rate", "judge_margin", "neutral_candidate",
+                                                "neutral_production", "gate_reasons", "reward_model", "best_of_k")}}
     if adapter and adapter["status"] in ("candidate", "canary") and not args.no_promote:
         await api.promote(version)
         await api.wait_serving(version)

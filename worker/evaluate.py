@@ -17,8 +17,9 @@ benchmark saw on 48 (bench/loop.py); the fixed set makes every check count at le
 - when the run's reward model is trusted (held-out accuracy above ``min_judge_accuracy`` with 95% confidence), it
   must prefer the candidate's answers on at least ``min_win_rate`` of the prompts (ties count half);
 - the candidate's preference accuracy must beat production's by ``min_gain``; when the trusted judge prefers its
-  answers with 95% confidence (the Wilson lower bound of its win share above one half), it need only not fall
-  ``min_gain`` below it: the judge measured "better" on the answers themselves;
+  answers with 95% confidence (the Wilson lower bound of its win share above one half), it need only not be
+  confidently worse on the held-out votes the two rank differently: the judge measured "better" on the answers
+  themselves, and a few votes of 10-20 are noise;
 - the candidate's answers to the fixed prompts must keep the operators' rules (``must`` / ``must_not`` regexes).
 Every metric is returned whatever the verdict, to be stored on the adapter row and shown to operators. Greedy
 answers are kept per model version (``answer_cache``): production's answers to the fixed prompts are generated once,
@@ -102,8 +103,12 @@ def evaluate(base_model: str, candidate: str, production: str | None, data: Trai
         labelled = [(r["prompt"], r["completion"][0]["content"], r["label"]) for r in data.kto.heldout]
         metrics = {"heldout_pairs": len(pairs), "heldout_thumbs": len(labelled)}
         if pairs or labelled:
-            metrics["candidate_accuracy"] = scorer.accuracy("candidate", pairs, labelled)
-            metrics["production_accuracy"] = scorer.accuracy("production", pairs, labelled) if production else 0.0
+            ours = scorer.right("candidate", pairs, labelled)
+            theirs = scorer.right("production", pairs, labelled) if production else [False] * len(ours)
+            metrics["candidate_accuracy"] = sum(ours) / len(ours)
+            metrics["production_accuracy"] = sum(theirs) / len(theirs)
+            metrics["candidate_only_right"] = sum(o and not t for o, t in zip(ours, theirs, strict=True))
+            metrics["production_only_right"] = sum(t and not o for o, t in zip(ours, theirs, strict=True))
         metrics["kl_from_base"] = scorer.mean_kl("candidate")
         heldout = unique_prompts(data.dpo.heldout + data.sft.heldout + data.kto.heldout, gate.behaviour_prompts)
         cases = load_gate_prompts(gate.gate_prompts) if gate.gate_prompts else []
@@ -128,17 +133,21 @@ def evaluate(base_model: str, candidate: str, production: str | None, data: Trai
 
 def preference_reasons(metrics: dict, gate: GateConfig, served: str) -> list[str]:
     """Whether the candidate ranks held-out feedback better than ``served``: by ``min_gain``, or, when the trusted
-    reward model prefers its answers with 95% confidence, at most ``min_gain`` worse.
+    reward model prefers its answers with 95% confidence, at least not confidently worse (``served`` right on more
+    of the rows where the two disagree, with 95% confidence).
 
     SFT on the judge's picks moves answers more than this likelihood ranking of 10-20 held-out votes: a thumbs-only
     round 2 whose answers the judge preferred on 81% of the prompts ranked them exactly as production did (0.59) and
-    was refused (bench/loop.py, concise). A plain win share is not enough to waive the gain: one of 57% (Wilson
-    lower bound about 0.42) promoted an adapter that left held-out approval where it was."""
+    was refused; another, preferred on 77% of 47 prompts and finishing 96% of its answers against 60%, ranked 11 of
+    19 votes right against production's 13 and was refused by a fixed 0.02 margin (bench/loop.py, concise; the
+    second is seed 2). A plain win share is not enough to waive the gain: one of 57% (Wilson lower bound about
+    0.42) promoted an adapter that left held-out approval where it was."""
     ours, theirs = metrics["candidate_accuracy"], metrics["production_accuracy"]
     if judge_confident(metrics):
-        if ours < theirs - gate.min_gain:
-            return [f"held-out preference accuracy {ours:.3f} falls more than {gate.min_gain} below {served}'s "
-                    f"({theirs:.3f})"]
+        gained, lost = metrics.get("candidate_only_right", 0), metrics.get("production_only_right", 0)
+        if lost > gained and confidently_above(lost / (gained + lost), gained + lost, 0.5):
+            return [f"held-out preference accuracy {ours:.3f} against {served}'s ({theirs:.3f}): {served} ranks "
+                    f"{lost} of the {gained + lost} votes they disagree on right, confidently more than half"]
         return []
     if ours < theirs + gate.min_gain:
         return [f"held-out preference accuracy {ours:.3f} does not beat {served}'s ({theirs:.3f}) by {gate.min_gain}"]
@@ -322,13 +331,14 @@ class _Scorer:
     def margin(self, adapter: str, prompt: list[dict], answer: str) -> float:
         return self.logprob(adapter, prompt, answer) - self.logprob(None, prompt, answer)
 
-    def accuracy(self, adapter: str, pairs: list[tuple], labelled: list[tuple]) -> float:
-        wins = sum(self.margin(adapter, p, chosen) > self.margin(adapter, p, rejected) for p, chosen, rejected in pairs)
+    def right(self, adapter: str, pairs: list[tuple], labelled: list[tuple]) -> list[bool]:
+        """Per held-out row, whether ``adapter`` ranks it as the user did: the pairs, then the thumbs."""
+        out = [self.margin(adapter, p, chosen) > self.margin(adapter, p, rejected) for p, chosen, rejected in pairs]
         # A thumb counts when the margin has the label's sign; a zero margin (the base itself) never does.
         for p, answer, label in labelled:
             m = self.margin(adapter, p, answer)
-            wins += m > 0 if label else m < 0
-        return wins / (len(pairs) + len(labelled))
+            out.append(m > 0 if label else m < 0)
+        return out
 
     def mean_kl(self, adapter: str) -> float:
         total, tokens = 0.0, 0

@@ -106,6 +106,10 @@ def test_the_gate_ranks_a_faithful_adapter_over_one_trained_on_flipped_labels(de
                 "neutral_candidate", "neutral_production", "examples"} <= set(verdict.metrics)
         assert 0 <= verdict.metrics["kl_from_base"] < 1
         assert verdict.metrics["behaviour_prompts"] == 3
+        # against the base, which ranks nothing, every vote the candidate ranks right is one they disagree on
+        rows = verdict.metrics["heldout_pairs"] + verdict.metrics["heldout_thumbs"]
+        assert verdict.metrics["candidate_only_right"] == round(verdict.metrics["candidate_accuracy"] * rows)
+        assert verdict.metrics["production_only_right"] == 0
 
 
 def test_the_gate_rejects_an_adapter_that_learned_the_preference_but_changes_no_behaviour(default_model, tmp_path):

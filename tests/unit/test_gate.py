@@ -68,8 +68,16 @@ def test_preference_accuracy_must_beat_production_unless_the_judge_confidently_p
     assert preference_reasons({**level, "candidate_accuracy": 0.61}, GateConfig(), "production") == []
     judged = {**level, "judge_win_rate": 0.81}  # 36 of 44: Wilson lower bound 0.68, the answers got better
     assert preference_reasons(judged, GateConfig(), "production") == []
-    [reason] = preference_reasons({**judged, "candidate_accuracy": 0.5}, GateConfig(), "production")
-    assert reason == "held-out preference accuracy 0.500 falls more than 0.02 below production's (0.590)"
+    # seed 2's round 2: 11 of 19 votes against 13, production right on the 3 of 4 they disagree on: noise
+    noisy = {**judged, "candidate_accuracy": 11 / 19, "production_accuracy": 13 / 19, "candidate_only_right": 1,
+             "production_only_right": 3}
+    assert preference_reasons(noisy, GateConfig(), "production") == []
+    # right on none of the 6 votes they disagree on (Wilson lower bound 0.61): confidently worse, refused
+    worse = {**noisy, "candidate_accuracy": 0.5, "candidate_only_right": 0, "production_only_right": 6}
+    [reason] = preference_reasons(worse, GateConfig(), "production")
+    assert reason == ("held-out preference accuracy 0.500 against production's (0.684): production ranks 6 of the 6 "
+                      "votes they disagree on right, confidently more than half")
+    assert preference_reasons({**worse, "judge_win_rate": 0.5}, GateConfig(), "production") != []
     # 25 of 44 (lower bound 0.42) clears min_win_rate but may be chance: the gain is still needed
     assert preference_reasons({**level, "judge_win_rate": 0.57}, GateConfig(), "production") != []
     assert preference_reasons({**judged, "behaviour_prompts": 5}, GateConfig(), "production") != []  # too few
