@@ -68,7 +68,7 @@ def test_preference_accuracy_must_beat_production_unless_the_judge_confidently_p
     assert preference_reasons({**level, "candidate_accuracy": 0.61}, GateConfig(), "production") == []
     judged = {**level, "judge_win_rate": 0.81}  # 36 of 44: Wilson lower bound 0.68, the answers got better
     assert preference_reasons(judged, GateConfig(), "production") == []
-    # seed 2's round 2: 11 of 19 votes against 13, production right on the 3 of 4 they disagree on: noise
+    # 11 of 19 votes against 13 (seed 2's refused round 2), production right on 3 of the 4 they disagree on: noise
     noisy = {**judged, "candidate_accuracy": 11 / 19, "production_accuracy": 13 / 19, "candidate_only_right": 1,
              "production_only_right": 3}
     assert preference_reasons(noisy, GateConfig(), "production") == []
