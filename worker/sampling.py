@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,34 +37,59 @@ def device() -> str:
 
 def generate(model, tokenizer, prompts: Sequence[Conversation], *, max_new_tokens: int, k: int = 1,
              temperature: float = 0.0, batch_size: int = 64, seed: int = 0) -> list[list[Answer]]:
-    """``k`` answers per prompt (greedy when temperature is 0); the model's current adapter writes them."""
-    import torch
+    """``k`` answers per prompt (greedy when temperature is 0); the model's current adapter writes them.
 
+    Continuously batched with the engine's KV batch (service/engine/batch.py): a finished answer leaves the batch
+    and a waiting one takes its row, so a batch costs what its answers need, where ``model.generate`` decodes every
+    row until the longest of ``batch_size`` ends (nearly always the token limit when sampling k answers)."""
+    import torch
+    from transformers import DynamicCache
+
+    from service.engine.batch import KVBatch, prefill_inputs
     from service.engine.weights import stop_token_ids
 
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
     stop_ids = stop_token_ids(model, tokenizer)
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths batch with little padding
-    out: list[list[Answer]] = [[] for _ in texts]
-    per_batch = max(1, batch_size // k)
-    torch.manual_seed(seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
+    ids = [list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)
+                ["input_ids"]) for p in prompts]
+    waiting = deque(i for i in sorted(range(len(ids)), key=lambda i: len(ids[i])) for _ in range(k))
+    running: list[tuple[int, list[int]]] = []  # (prompt index, answer tokens so far), in batch row order
+    out: list[list[Answer]] = [[] for _ in ids]
+    batch = KVBatch()
+    draw = torch.Generator(device=model.device).manual_seed(seed)
     with torch.inference_mode():
-        for start in range(0, len(order), per_batch):
-            batch = order[start:start + per_batch]
-            inputs = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
-                               add_special_tokens=False).to(model.device)
-            sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
-                dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, num_return_sequences=k,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=list(stop_ids), **sampling)
-            new = output[:, inputs["input_ids"].shape[1]:]
-            for row, ids in enumerate(new.tolist()):
-                ended = any(t in stop_ids for t in ids)
-                ids = ids[:next((j for j, t in enumerate(ids) if t in stop_ids), len(ids))]
-                out[batch[row // k]].append(Answer(tokenizer.decode(ids, skip_special_tokens=True).strip(), ended))
+        while waiting or running:
+            room = batch_size - len(running)
+            if waiting and room >= min(max(1, batch_size // 4), len(waiting)):  # prefill a few rows at once
+                new = [(waiting.popleft(), []) for _ in range(min(room, len(waiting)))]
+                inputs, mask, positions = prefill_inputs([ids[i] for i, _ in new], pad_id, model.device)
+                cache = DynamicCache(config=model.config)
+                logits = model(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                               use_cache=True, logits_to_keep=1).logits[:, -1]
+                batch.join(cache, mask)
+                stepped, running = new, running + new
+            else:
+                mask, positions = batch.step_inputs()
+                last = torch.tensor([[tokens[-1]] for _, tokens in running], device=model.device)
+                logits = model(input_ids=last, attention_mask=mask, position_ids=positions,
+                               past_key_values=batch.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                stepped = running
+            if temperature > 0:
+                chosen = torch.multinomial(torch.softmax(logits.float() / temperature, dim=-1), 1, generator=draw)
+            else:
+                chosen = logits.argmax(dim=-1, keepdim=True)
+            for (_, tokens), token in zip(stepped, chosen[:, 0].tolist(), strict=True):
+                tokens.append(token)
+            keep = []
+            for row, (i, tokens) in enumerate(running):
+                ended = tokens[-1] in stop_ids
+                if ended or len(tokens) >= max_new_tokens:
+                    text = tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True)
+                    out[i].append(Answer(text.strip(), ended))
+                else:
+                    keep.append(row)
+            running = [running[row] for row in keep]
+            batch.keep(keep)
     return out
 
 

@@ -1,0 +1,47 @@
+"""The worker's own generation (worker/sampling.py): rows leave the batch when they finish and waiting ones join,
+and no answer may differ for it."""
+
+import torch
+
+from service.engine.weights import load_pretrained, stop_token_ids
+from worker.sampling import generate
+
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of Japan?"}],
+    [{"role": "user", "content": "Explain in detail how a refrigerator keeps food cold."}],
+    [{"role": "user", "content": "Say hi."}],
+    [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "An apple."},
+     {"role": "user", "content": "And a vegetable?"}],
+    [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}],
+]
+
+
+def test_greedy_answers_are_what_the_model_writes_for_each_prompt_alone(default_model):
+    model, tokenizer = load_pretrained(str(default_model))
+    stop_ids = stop_token_ids(model, tokenizer)
+    answers = generate(model, tokenizer, PROMPTS, max_new_tokens=40, batch_size=3)  # 5 prompts through 3 rows
+
+    finished = []
+    for prompt, (answer,) in zip(PROMPTS, answers, strict=True):
+        inputs = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
+        with torch.inference_mode():
+            output = model.generate(**inputs, max_new_tokens=40, do_sample=False, temperature=None, top_p=None,
+                                    top_k=None, eos_token_id=list(stop_ids))
+        new = output[0, inputs["input_ids"].shape[1]:].tolist()
+        ended = new[-1] in stop_ids
+        assert answer.finished == ended
+        assert answer.text == tokenizer.decode(new[:-1] if ended else new, skip_special_tokens=True).strip()
+        finished.append(ended)
+    assert any(finished) and not all(finished)  # rows left early and rows ran to the limit
+
+
+def test_k_sampled_answers_per_prompt_reproducible_by_seed(default_model):
+    model, tokenizer = load_pretrained(str(default_model))
+    kwargs = dict(max_new_tokens=24, k=4, temperature=0.9, batch_size=6)
+    first = generate(model, tokenizer, PROMPTS, seed=3, **kwargs)
+    assert [len(answers) for answers in first] == [4] * len(PROMPTS)
+    assert all(answer.text for answers in first for answer in answers)
+    assert all(len({a.text for a in answers}) > 1 for answers in first[1:2] + first[4:])  # open prompts vary
+    assert generate(model, tokenizer, PROMPTS, seed=3, **kwargs) == first
+    assert generate(model, tokenizer, PROMPTS, seed=4, **kwargs) != first
