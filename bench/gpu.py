@@ -164,10 +164,9 @@ async def trained_adapter_answers(model_dir: Path, adapter: Path) -> str:
 
 
 def worker_bench(model_dir: Path, adapter: Path, steps: int, scratch: Path) -> dict:
-    from service.engine.weights import load_pretrained
     from worker.evaluate import GateConfig, evaluate
     from worker.reward import RewardModel, RewardTrainConfig, train_reward_model
-    from worker.sampling import best_of_k, device
+    from worker.sampling import best_of_k, device, load_sampler
 
     data = synthetic_data(48)
     for split in (data.dpo, data.kto, data.sft):
@@ -176,7 +175,7 @@ def worker_bench(model_dir: Path, adapter: Path, steps: int, scratch: Path) -> d
     result = train_reward_model(RewardTrainConfig(max_steps=steps), data, str(model_dir), scratch / "reward")
     reward_s = time.perf_counter() - started
     judge = RewardModel(result.path, str(model_dir))
-    model, tokenizer = load_pretrained(str(model_dir), device=device())
+    model, tokenizer = load_sampler(str(model_dir))
     prompts = [r["prompt"] for r in data.dpo.train[:16]]
     started = time.perf_counter()
     rows, counts = best_of_k(model, tokenizer, judge, prompts, k=4, max_new_tokens=64, targets=data.sft.train,

@@ -39,6 +39,7 @@ from worker.sampling import (
     MIN_SFT_ROWS,
     generate,
     judged_picks,
+    load_sampler,
     newest_training_prompts,
     pick_bar,
     pick_rows,
@@ -76,9 +77,7 @@ def replay(name: str, overrides: dict, data, judge, args, heldout: list[str], pr
     bar_rule = config.pop("bar", "worker")  # the bar a pick must clear (worker/sampling.py): worker, targets, none
     min_rows = config.pop("min_rows", MIN_SFT_ROWS)
     best_of_prompts = config.pop("prompts", args.best_of_prompts)  # the worker's FLYWHEEL_BEST_OF_PROMPTS
-    model, tokenizer = load_pretrained(args.base_model, device="cpu")
-    if production:  # the worker samples best-of-k from what serves
-        model = PeftModel.from_pretrained(model, production).eval()
+    model, tokenizer = load_sampler(args.base_model, production)  # the worker samples best-of-k from what serves
     data.best_of_k, selected = [], {}  # not an earlier variant's picks
     targets = user_targets(TrainConfig(**config), data)
     prompts = newest_training_prompts(data, best_of_prompts, targeted=targets)

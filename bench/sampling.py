@@ -11,7 +11,10 @@ run it) and for ``generate`` in the same process, alternating, --repeats times (
 - best-of-k: --k samples to each of --prompts training prompts of bench/prompts.txt at the worker's temperature;
 - greedy: one answer to each of the gate's 32 prompts and --prompts held-out prompts.
 
-Reported per workload: seconds, the ratio (``generate`` / baseline; below 1 is faster), decode steps, answers that
+On a machine where best-of-k samples in bfloat16 (``sampling_dtype``: a GPU, a CPU with AMX) best-of-k is also run
+that way, as the worker does; greedy stays float32, as the gate and production answer.
+
+Reported per workload: seconds, the ratio (to the baseline; below 1 is faster), forward passes, answers that
 finished within --max-new-tokens, mean answer tokens; for greedy also how many answers are identical (they should
 be, bar ties the different padding breaks another way). --adapter samples from a LoRA (e.g. a round's adapter whose
 answers are short), as the worker does from production.
@@ -31,7 +34,7 @@ from prompts import load_prompts, split  # bench/prompts.py, importable when thi
 
 from service.engine.weights import load_pretrained, stop_token_ids
 from worker.evaluate import GATE_PROMPTS, load_gate_prompts
-from worker.sampling import SAMPLE_TEMPERATURE, Answer, generate
+from worker.sampling import SAMPLE_TEMPERATURE, Answer, generate, load_sampler, sampling_dtype
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -110,42 +113,47 @@ def main() -> None:
     train = [[{"role": "user", "content": p.text}] for p in parts["train"][:args.prompts]]
     heldout = [[{"role": "user", "content": p.text}] for p in parts["heldout"][:args.prompts]]
     gate = [[{"role": "user", "content": c["prompt"]}] for c in load_gate_prompts(GATE_PROMPTS)]
+    ways = [("baseline", model, baseline_generate), ("generate", model, generate)]
+    if sampling_dtype() != "float32":  # the worker's best-of-k: generate in the dtype it samples in
+        ways.append((f"generate {sampling_dtype()}", load_sampler(args.model, args.adapter)[0], generate))
     workloads = {
-        "best-of-k": dict(prompts=train, k=args.k, temperature=SAMPLE_TEMPERATURE),
-        "greedy": dict(prompts=gate + heldout, k=1, temperature=0.0),
+        "best-of-k": (dict(prompts=train, k=args.k, temperature=SAMPLE_TEMPERATURE), ways),
+        "greedy": (dict(prompts=gate + heldout, k=1, temperature=0.0), ways[:2]),  # the gate: float32 as served
     }
     common = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
-    generate(model, tokenizer, train[:2], max_new_tokens=8)  # warm-up: first-call allocations
+    for _, m, _ in ways:
+        generate(m, tokenizer, train[:2], max_new_tokens=8)  # warm-up: first-call allocations
 
     results = {}
-    for name, work in workloads.items():
+    for name, (work, its_ways) in workloads.items():
         row, texts = {}, {}
-        runs = {"baseline": [], "generate": []}
+        runs = {way: [] for way, _, _ in its_ways}
         for _ in range(args.repeats):
-            for way, run in (("baseline", baseline_generate), ("generate", generate)):
-                calls, restore = counting_steps(model.get_base_model() if args.adapter else model)
+            for way, m, run in its_ways:
+                calls, restore = counting_steps(m.get_base_model() if hasattr(m, "get_base_model") else m)
                 started = time.perf_counter()
-                answers = run(model, tokenizer, **work, **common)
+                answers = run(m, tokenizer, **work, **common)
                 runs[way].append(time.perf_counter() - started)
                 restore()
                 row[way] = {"forward_calls": calls["n"], **summary(answers, tokenizer)}
                 texts[way] = [a[0].text for a in answers]
         row = {way: {"seconds": round(statistics.median(runs[way]), 1), **row[way]} for way in runs}
+        for way in runs:
+            row[way]["ratio"] = round(row[way]["seconds"] / row["baseline"]["seconds"], 2)
         row["seconds_each_repeat"] = {k: [round(s, 1) for s in v] for k, v in runs.items()}
-        row["ratio"] = round(row["generate"]["seconds"] / row["baseline"]["seconds"], 2)
         if work["k"] == 1:
             row["identical_answers"] = sum(a == b for a, b in zip(texts["generate"], texts["baseline"], strict=True))
-        results[name] = row
+        results[name] = (row, list(runs))
 
-    print(f"\n{'workload':<10} {'way':<9} {'seconds':>8} {'forwards':>9} {'finished':>9} {'tokens':>7}  ratio")
-    for name, row in results.items():
-        for way in ("baseline", "generate"):
+    print(f"\n{'workload':<10} {'way':<17} {'seconds':>8} {'forwards':>9} {'finished':>9} {'tokens':>7}  ratio")
+    for name, (row, its_ways) in results.items():
+        for way in its_ways:
             r = row[way]
-            ratio = f"{row['ratio']:.2f}" if way == "generate" else ""
-            print(f"{name:<10} {way:<9} {r['seconds']:>8.1f} {r['forward_calls']:>9} "
-                  f"{r['finished']:>4}/{r['answers']:<4} {r['mean_tokens']:>7}  {ratio}")
+            print(f"{name:<10} {way:<17} {r['seconds']:>8.1f} {r['forward_calls']:>9} "
+                  f"{r['finished']:>4}/{r['answers']:<4} {r['mean_tokens']:>7}  {r['ratio']:.2f}")
         if "identical_answers" in row:
             print(f"{'':<10} identical greedy answers: {row['identical_answers']}/{row['generate']['answers']}")
+    results = {name: row for name, (row, _) in results.items()}
     created = datetime.now(UTC)
     out = args.out or RESULTS_DIR / f"sampling-{created:%Y%m%dT%H%M%SZ}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

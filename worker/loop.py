@@ -240,8 +240,7 @@ class Worker:
 
         Only prompts users left without a target (an edit or an approved answer says what they want better than the
         judge's guess), and only picks the judge scores as users would approve them (worker/sampling.py)."""
-        from service.engine.weights import load_pretrained
-        from worker.sampling import best_of_k, device, newest_training_prompts
+        from worker.sampling import best_of_k, load_sampler, newest_training_prompts
         from worker.train import user_targets
 
         t = self.settings.training
@@ -250,11 +249,7 @@ class Worker:
         prompts = newest_training_prompts(data, t.best_of_prompts, targeted=targets)
         if not prompts:
             return {"prompts": 0, "rows": 0, "seconds": 0.0}
-        model, tokenizer = load_pretrained(self.settings.base_model, device=device())
-        if production_path:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, production_path).eval()
+        model, tokenizer = load_sampler(self.settings.base_model, production_path)
         data.best_of_k, counts = best_of_k(model, tokenizer, judge, prompts, k=t.best_of_k, targets=targets,
                                            thumbs=data.kto.train, max_new_tokens=GateConfig.max_new_tokens,
                                            seed=config.seed)

@@ -4,7 +4,7 @@ and no answer may differ for it."""
 import torch
 
 from service.engine.weights import load_pretrained, stop_token_ids
-from worker.sampling import generate
+from worker.sampling import generate, load_sampler, sampling_dtype
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of Japan?"}],
@@ -45,3 +45,20 @@ def test_k_sampled_answers_per_prompt_reproducible_by_seed(default_model):
     assert all(len({a.text for a in answers}) > 1 for answers in first[1:2] + first[4:])  # open prompts vary
     assert generate(model, tokenizer, PROMPTS, seed=3, **kwargs) == first
     assert generate(model, tokenizer, PROMPTS, seed=4, **kwargs) != first
+
+
+def test_best_of_k_samples_from_what_serves_with_the_adapter_merged(default_model, lora_adapters):
+    from peft import PeftModel
+
+    model, tokenizer = load_sampler(str(default_model), str(lora_adapters[0]))
+    assert not isinstance(model, PeftModel) and model.dtype == getattr(torch, sampling_dtype())
+    served = PeftModel.from_pretrained(load_pretrained(str(default_model))[0], str(lora_adapters[0])).eval()
+    base = load_pretrained(str(default_model))[0]
+    inputs = tokenizer.apply_chat_template(PROMPTS[1], add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    with torch.inference_mode():
+        logits = [m(**inputs).logits[0, -1].float() for m in (model, served, base)]
+    merged_vs_served = (logits[0] - logits[1]).abs().max()
+    assert merged_vs_served < 0.1 * (logits[1] - logits[2]).abs().max()  # the adapter's effect, not the base's
+    assert set(logits[0].topk(5).indices.tolist()) == set(logits[1].topk(5).indices.tolist())  # bfloat16: ties
+    assert logits[0].argmax() == logits[1].argmax() != logits[2].argmax()
