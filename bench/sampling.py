@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--adapter", help="LoRA folder to sample from (the worker samples from production)")
     parser.add_argument("--prompts", type=int, default=32, help="training prompts for best-of-k (the worker's "
                                                                 "best_of_prompts), held-out prompts for greedy")
-    parser.add_argument("--k", type=int, default=8, help="samples per prompt (the worker's best_of_k)")
+    parser.add_argument("--k", type=int, default=16, help="samples per prompt (the worker's best_of_k)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the gate's and best-of-k's token limit")
     parser.add_argument("--batch-size", type=int, default=64, help="rows decoded at once, both ways")
     parser.add_argument("--repeats", type=int, default=2)

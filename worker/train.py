@@ -187,7 +187,7 @@ def plan_stages(config: TrainConfig, data: TrainingData, trusted_judge: bool = F
         return [config.algorithm]
     # Users' edits say exactly what they wanted: imitating them and the approved answers moved a replayed 64-vote
     # round with 30% edits 4% -> 79% (bench/rl_replay.py, concise). Without edits, the approved answers with the
-    # reward model's favourites of 8 samples per prompt (rejection sampling, worker/sampling.py) moved thumbs-only
+    # reward model's favourites of k samples per prompt (rejection sampling, worker/sampling.py) moved thumbs-only
     # rounds 4% -> 21% -> 46% (bench/loop.py), where rl on the same judge reached 8% in a replayed round; SFT on
     # the few approved answers alone looped and the gate refused it. rl trains when there is nothing to imitate.
     # A DPO stage after SFT pushed a round past 10 minutes on a 2-core CPU, and DPO alone barely moved answers in
