@@ -12,7 +12,8 @@ Everything goes through the real product, as people and operators use it:
      (the operator's shortcut; the canary's live test needs more votes than a round has);
 * after every round, held-out approval: greedy answers (temperature 0) from ``flywheel`` to held-out prompts no
   user asks, judged by the same hidden preference, with a Wilson 95% interval, mean words and the neutral
-  no-collapse checks (on topic, not empty, not looping, finished);
+  no-collapse checks (on topic, not empty, not looping, finished; on topic as the gate reads it, by keywords or by
+  the base model's likelihood, worker/checks.py);
 * the run's reward model (worker/reward.py, the gate's judge) scores those held-out answers, compared with the
   hidden preference (AUC): does the judge agree with the users?
 
@@ -33,6 +34,7 @@ running, the default model fetched).
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import os
@@ -52,6 +54,8 @@ from swap import Replica, fresh_database
 from users import PREFERENCES, SimulatedUser, make_user, neutral_checks, unit_draw, words
 
 from service.feedback.stats import wilson_interval
+from service.settings import Settings
+from worker.checks import with_relevance
 from worker.train import Algorithm
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -154,14 +158,26 @@ async def measure(api: Api, judge: SimulatedUser, heldout: list[str], args: argp
     replies = await gather_limited(args.concurrency, [api.chat(api.admin_key, p, 0.0, args.max_tokens, None)
                                                       for p in heldout])
     approved = sum(judge.approves(p, r["answer"]) for p, r in zip(heldout, replies, strict=True))
-    checks = [neutral_checks(p, r["answer"], r["finished"]) for p, r in zip(heldout, replies, strict=True)]
+    rules = [neutral_checks(p, r["answer"], r["finished"]) for p, r in zip(heldout, replies, strict=True)]
+    model, tokenizer = base_model(args.base_model)
+    checks = await asyncio.to_thread(with_relevance, model, tokenizer, heldout, [r["answer"] for r in replies], rules)
     low, high = wilson_interval(approved, len(heldout)) or (None, None)
     return {"approval": approved / len(heldout), "approval_low": low, "approval_high": high,
             "mean_words": sum(len(words(r["answer"])) for r in replies) / len(replies),
             "neutral": {name: sum(c[name] for c in checks) / len(checks) for name in checks[0]},
+            "on_topic_by_keywords": sum(c["on_topic"] for c in rules) / len(rules),
             "adapters_seen": sorted({str(r["adapter"]) for r in replies}),
             "answers": [{"prompt": p, "answer": r["answer"], "finished": r["finished"],
                          "approved": judge.approves(p, r["answer"])} for p, r in zip(heldout, replies, strict=True)]}
+
+
+@functools.cache
+def base_model(path: str):
+    """The base model, loaded once: the neutral checks' relevance rule (worker/checks.py) reads answers with it."""
+    from service.engine.weights import load_pretrained
+
+    model, tokenizer = load_pretrained(path)
+    return model.eval(), tokenizer
 
 
 def judge_agreement(answers: list[dict]) -> dict:
@@ -369,6 +385,8 @@ def main() -> int:
     parser.add_argument("--max-steps", type=int, help="steps per training stage (default: the worker's epochs)")
     parser.add_argument("--no-promote", action="store_true", help="leave a passing adapter to the rollout")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base-model", default=Settings.from_env({}).base_model,
+                        help="the served base model's folder (default: the default model)")
     parser.add_argument("--out", type=Path, help="JSON path (default: bench/results/loop-<UTC timestamp>.json)")
     args = parser.parse_args()
     if args.url and (not args.admin_key or len(args.preference) * len(args.edit_rate) > 1):

@@ -33,6 +33,7 @@ from serve import format_table
 from users import PREFERENCES, make_user, neutral_checks, words
 
 from service.settings import Settings
+from worker.checks import with_relevance
 from worker.data import build_training_data
 from worker.reward import RewardModel
 from worker.sampling import (
@@ -97,6 +98,8 @@ def replay(name: str, overrides: dict, data, judge, args, heldout: list[str], pr
                                       max_new_tokens=args.max_tokens)]
     user = make_user(args.preference, 0.0, seed=0)
     checks = [neutral_checks(q, a.text, a.finished) for q, a in zip(heldout, answers, strict=True)]
+    with model.disable_adapter():  # on topic as the gate and bench/loop.py read it
+        checks = with_relevance(model, tokenizer, heldout, [a.text for a in answers], checks)
     return {"name": name, "overrides": overrides, "train_s": seconds, "steps": result.stages[0]["steps"],
             "targets": len(targets), "best_of_k": selected,
             "rows": result.stages[0]["rows"], "target_words": mean_words(targets),

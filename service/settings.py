@@ -126,6 +126,12 @@ class TrainingSettings(msgspec.Struct, frozen=True, kw_only=True):
                   "SFT target (rejection sampling). 0 or 1: off.", ge=0, le=16)
     ] = 16
     best_of_prompts: Annotated[int, _doc("Training prompts sampled for best-of-k per run.", ge=1)] = 32
+    # Best-of-16 sampled 218-333 s a round in such runs, and the rest of a round took 220-280 s: 240 s keeps a round
+    # near 9 minutes here.
+    best_of_seconds: Annotated[
+        float, _doc("Seconds after which best-of-k starts no more samples in a run (those under way finish; prompts "
+                    "not reached get no pick), so a round stays near 10 minutes on a slower machine.", gt=0)
+    ] = 240.0
     gate_prompts: Annotated[
         str | None, _doc("JSONL of everyday prompts every candidate and production answer at the gate, each "
                          '{"prompt": ..., "must": [regex], "must_not": [regex]} (rules optional). Unset: the 32 '

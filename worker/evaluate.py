@@ -31,11 +31,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from worker.checks import neutral_checks, pass_rates
+from worker.checks import neutral_checks, pass_rates, with_relevance
 from worker.data import TrainingData
 from worker.reward import confidently_above
 from worker.sampling import Answer, device, generate, last_user_turn, unique_prompts
@@ -84,8 +85,8 @@ class Verdict:
 
 
 def evaluate(base_model: str, candidate: str, production: str | None, data: TrainingData, gate: GateConfig,
-             judge=None) -> Verdict:
-    """``judge``: the run's RewardModel (worker/reward.py), used when it is trusted."""
+             judge=None, stop: threading.Event | None = None) -> Verdict:
+    """``judge``: the run's RewardModel (worker/reward.py), used when it is trusted. ``stop`` set: Cancelled."""
     import torch
     from peft import PeftModel
 
@@ -116,7 +117,7 @@ def evaluate(base_model: str, candidate: str, production: str | None, data: Trai
         failures = []
         if prompts:
             versions = {"base": base_model, "candidate": candidate, "production": production}
-            measured, answers = behaviour(model, tokenizer, prompts, versions, gate, judge)
+            measured, answers = behaviour(model, tokenizer, prompts, versions, gate, judge, stop)
             metrics.update(measured, heldout_behaviour_prompts=len(heldout))
             failures = rule_failures(cases, answers[len(heldout):])
     metrics.update(rule_failures=failures, gate_seconds=round(time.monotonic() - started, 1))
@@ -162,13 +163,13 @@ def judge_confident(metrics: dict) -> bool:
 
 
 def behaviour(model, tokenizer, prompts: list[list[dict]], versions: dict[str, str | None], gate: GateConfig,
-              judge) -> tuple[dict, list]:
+              judge, stop: threading.Event | None = None) -> tuple[dict, list]:
     """Greedy answers of candidate and production (or the base) to ``prompts``, compared; (metrics, candidate's).
 
     ``versions``: the adapter folder of "candidate" and of "production" (None: the base serves)."""
     def greedy(adapter: str | None):
         cache = gate.answer_cache / f"{version_key(versions['base'], adapter)}.json" if gate.answer_cache else None
-        return cached_greedy(model, tokenizer, prompts, gate.max_new_tokens, cache)
+        return cached_greedy(model, tokenizer, prompts, gate.max_new_tokens, cache, stop)
 
     model.set_adapter("candidate")
     candidate = greedy(versions["candidate"])
@@ -179,9 +180,13 @@ def behaviour(model, tokenizer, prompts: list[list[dict]], versions: dict[str, s
         with model.disable_adapter():
             served = greedy(None)
     questions = [last_user_turn(p) for p in prompts]
-    checked = {name: pass_rates([neutral_checks(q, a.text, a.finished) for q, a in zip(questions, answers,
-                                                                                         strict=True)])
-               for name, answers in (("candidate", candidate), ("production", served))}
+
+    def rates(answers) -> dict[str, float]:
+        checked = [neutral_checks(q, a.text, a.finished) for q, a in zip(questions, answers, strict=True)]
+        with model.disable_adapter():  # relevance as the base sees it, the same instrument every round
+            return pass_rates(with_relevance(model, tokenizer, questions, [a.text for a in answers], checked))
+
+    checked = {"candidate": rates(candidate), "production": rates(served)}
     out = {"behaviour_prompts": len(prompts),
            "changed_share": round(sum(c.text != s.text for c, s in zip(candidate, served, strict=True))
                                   / len(prompts), 4),
@@ -230,7 +235,8 @@ def version_key(base_model: str, adapter: str | None) -> str:
     return hashlib.sha256(f"{base_model}\0{adapter_digest(adapter)[0] if adapter else ''}".encode()).hexdigest()[:32]
 
 
-def cached_greedy(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, cache: Path | None) -> list:
+def cached_greedy(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, cache: Path | None,
+                  stop: threading.Event | None = None) -> list:
     """Greedy answers of the active adapter, generated only for prompts ``cache`` (a JSON file) lacks.
 
     Production answers the fixed gate prompts (and the held-out prompts of earlier rounds) run after run, and a
@@ -246,7 +252,7 @@ def cached_greedy(model, tokenizer, prompts: list[list[dict]], max_new_tokens: i
     missing = [i for i, k in enumerate(keys) if not isinstance(kept.get(k), dict) or
                not isinstance(kept[k].get("text"), str)]
     if missing:
-        answers = generate(model, tokenizer, [prompts[i] for i in missing], max_new_tokens=max_new_tokens)
+        answers = generate(model, tokenizer, [prompts[i] for i in missing], max_new_tokens=max_new_tokens, stop=stop)
         kept.update({keys[i]: {"text": a[0].text, "finished": a[0].finished} for i, a in zip(missing, answers,
                                                                                              strict=True)})
         if cache:

@@ -191,7 +191,8 @@ class Worker:
                            data_until=data.data_until, config=config.as_dict(), counts=data.counts())
             # The bar to clear is what serves now: production, or the base when there is none.
             verdict = await asyncio.to_thread(evaluate, self.settings.base_model, str(out_dir),
-                                              production["path"] if production else None, data, gate, judge)
+                                              production["path"] if production else None, data, gate, judge,
+                                              self.stop_training)
             sha256, size = adapter_digest(out_dir)
             metrics = {**verdict.metrics, "gate_reasons": verdict.reasons, "stages": result.stages,
                        "train_seconds": result.seconds, **judged}
@@ -252,7 +253,8 @@ class Worker:
         model, tokenizer = load_sampler(self.settings.base_model, production_path)
         data.best_of_k, counts = best_of_k(model, tokenizer, judge, prompts, k=t.best_of_k, targets=targets,
                                            thumbs=data.kto.train, max_new_tokens=GateConfig.max_new_tokens,
-                                           seed=config.seed)
+                                           seed=config.seed, deadline=started + t.best_of_seconds,
+                                           stop=self.stop_training)
         return {**counts, "seconds": round(time.monotonic() - started, 1)}
 
     async def _start_canary(self, version: int) -> None:

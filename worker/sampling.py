@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,8 +67,11 @@ def load_sampler(base_model: str, adapter: str | None = None):
 
 
 def generate(model, tokenizer, prompts: Sequence[Conversation], *, max_new_tokens: int, k: int = 1,
-             temperature: float = 0.0, batch_size: int = 64, seed: int = 0) -> list[list[Answer]]:
-    """``k`` answers per prompt (greedy when temperature is 0); the model's current adapter writes them.
+             temperature: float = 0.0, batch_size: int = 64, seed: int = 0, deadline: float | None = None,
+             stop: threading.Event | None = None) -> list[list[Answer]]:
+    """``k`` answers per prompt (greedy when temperature is 0); the model's current adapter writes them. Once
+    ``time.monotonic()`` passes ``deadline`` no answer starts and those under way finish, so a prompt may get fewer
+    than ``k`` (none if it never started; prompts start shortest first). ``stop`` set: Cancelled, between steps.
 
     Continuously batched with the engine's KV batch (service/engine/batch.py): a finished answer leaves the batch
     and a waiting one takes its row, where ``model.generate`` decodes every row until the longest of ``batch_size``
@@ -89,6 +94,14 @@ def generate(model, tokenizer, prompts: Sequence[Conversation], *, max_new_token
     draw = torch.Generator(device=model.device).manual_seed(seed)
     with torch.inference_mode():
         while waiting or running:
+            if stop is not None and stop.is_set():
+                from worker.train import Cancelled
+
+                raise Cancelled("the run was stopped while the worker generated answers")
+            if deadline is not None and waiting and time.monotonic() > deadline:
+                waiting.clear()
+                if not running:
+                    break
             room = batch_size - len(running)
             if waiting and room >= min(max(1, batch_size // 4), len(waiting)):  # prefill a few rows at once
                 new = [(waiting.popleft(), []) for _ in range(min(room, len(waiting)))]
@@ -157,11 +170,14 @@ class Pick:
 
 
 def judged_picks(model, tokenizer, judge, prompts: Sequence[Conversation], *, k: int, max_new_tokens: int,
-                 temperature: float = SAMPLE_TEMPERATURE, seed: int = 0) -> tuple[list[Pick], dict]:
+                 temperature: float = SAMPLE_TEMPERATURE, seed: int = 0, deadline: float | None = None,
+                 stop: threading.Event | None = None) -> tuple[list[Pick], dict]:
     """The judge's favourite of ``k`` sampled answers to each prompt, best first, and counts. Only finished answers
-    that pass the no-collapse checks compete; a prompt with none has no pick."""
+    that pass the no-collapse checks compete; a prompt with none has no pick (``deadline``, ``stop``: ``generate``)."""
+    started = time.monotonic()
     samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, k=k, temperature=temperature,
-                       seed=seed)
+                       seed=seed, deadline=deadline, stop=stop)
+    sampled = time.monotonic()
     usable = [[a for a in answers if a.finished and all(neutral_checks(last_user_turn(p), a.text).values())]
               for p, answers in zip(prompts, samples, strict=True)]
     flat = [(i, a) for i, answers in enumerate(usable) for a in answers]
@@ -171,7 +187,9 @@ def judged_picks(model, tokenizer, judge, prompts: Sequence[Conversation], *, k:
         if i not in best or score > best[i].score:
             best[i] = Pick(prompts[i], answer.text, score)
     picks = sorted(best.values(), key=lambda pick: -pick.score)
-    return picks, {"prompts": len(prompts), "samples": sum(map(len, samples)), "usable_samples": len(flat)}
+    return picks, {"prompts": len(prompts), "prompts_sampled": sum(1 for answers in samples if answers),
+                   "samples": sum(map(len, samples)), "usable_samples": len(flat),
+                   "sample_seconds": round(sampled - started, 1), "judge_seconds": round(time.monotonic() - sampled, 1)}
 
 
 def pick_rows(picks: Sequence[Pick], bar: float | None, *, targets: int, min_rows: int = MIN_SFT_ROWS
@@ -209,7 +227,8 @@ def boundary_bar(judge, thumbs: Sequence[dict]) -> float | None:
 
 def best_of_k(model, tokenizer, judge, prompts: Sequence[Conversation], *, k: int, max_new_tokens: int,
               targets: Sequence[dict] = (), thumbs: Sequence[dict] = (), min_rows: int = MIN_SFT_ROWS,
-              temperature: float = SAMPLE_TEMPERATURE, seed: int = 0) -> tuple[list[dict], dict]:
+              temperature: float = SAMPLE_TEMPERATURE, seed: int = 0, deadline: float | None = None,
+              stop: threading.Event | None = None) -> tuple[list[dict], dict]:
     """SFT rows ``{"messages": prompt + [best answer]}`` and counts: the best usable sample of each prompt, kept when
     the judge scores it as users would approve it (``boundary_bar`` of the ``thumbs``, KTO rows; without both kinds
     of thumb, the median of ``targets``, the users' own SFT rows); when ``targets`` and those picks are fewer than
@@ -222,7 +241,7 @@ def best_of_k(model, tokenizer, judge, prompts: Sequence[Conversation], *, k: in
     questions with short answers) set a bar no pick cleared, and SFT on them alone left approval at 4%; the boundary
     kept 7 picks and gave 12%. Too few rows loop: 5 approved answers alone did (bench/loop.py), hence the fill."""
     picks, counts = judged_picks(model, tokenizer, judge, prompts, k=k, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, seed=seed)
+                                 temperature=temperature, seed=seed, deadline=deadline, stop=stop)
     rows, selected = pick_rows(picks, pick_bar(judge, targets, thumbs), targets=len(targets), min_rows=min_rows)
     return rows, {**counts, **selected}
 

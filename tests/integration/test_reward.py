@@ -113,7 +113,10 @@ def test_best_of_k_keeps_the_judges_favourite_finished_answer_per_prompt(default
     prompts = [[{"role": "user", "content": q}] for q in ("What is the capital of Japan?", "How many days are in a "
                                                           "week?", "Who wrote Hamlet?")]
     rows, counts = best_of_k(model, tokenizer, judge, prompts, k=3, max_new_tokens=96, seed=7)
-    assert counts["prompts"] == 3 and counts["samples"] == 9 and 1 <= counts["rows"] == len(rows) <= 3
+    assert counts["prompts"] == counts["prompts_sampled"] == 3 and counts["samples"] == 9
+    assert 1 <= counts["rows"] == len(rows) <= 3
+    late, counts = best_of_k(model, tokenizer, judge, prompts, k=3, max_new_tokens=96, seed=7, deadline=0.0)
+    assert late == [] and counts["prompts_sampled"] == counts["samples"] == 0  # past its time budget: no picks
 
     samples = generate(model, tokenizer, prompts, max_new_tokens=96, k=3, temperature=0.9, seed=7)  # the same draw
     for row in rows:

@@ -1,10 +1,15 @@
 """The worker's own generation (worker/sampling.py): rows leave the batch when they finish and waiting ones join,
 and no answer may differ for it."""
 
+import threading
+import time
+
+import pytest
 import torch
 
 from service.engine.weights import load_pretrained, stop_token_ids
 from worker.sampling import generate, load_sampler, sampling_dtype
+from worker.train import Cancelled
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of Japan?"}],
@@ -62,3 +67,28 @@ def test_best_of_k_samples_from_what_serves_with_the_adapter_merged(default_mode
     assert merged_vs_served < 0.1 * (logits[1] - logits[2]).abs().max()  # the adapter's effect, not the base's
     assert set(logits[0].topk(5).indices.tolist()) == set(logits[1].topk(5).indices.tolist())  # bfloat16: ties
     assert logits[0].argmax() == logits[1].argmax() != logits[2].argmax()
+
+
+class _StopAfter(threading.Event):
+    """An event that reads as set from its ``n``-th check on: a stop that arrives mid-generation."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.checks, self.n = 0, n
+
+    def is_set(self) -> bool:
+        self.checks += 1
+        return self.checks >= self.n
+
+
+def test_generation_stops_between_steps_and_starts_nothing_after_its_deadline(default_model):
+    model, tokenizer = load_pretrained(str(default_model))
+    stop = _StopAfter(5)
+    with pytest.raises(Cancelled):
+        generate(model, tokenizer, PROMPTS, max_new_tokens=40, batch_size=3, stop=stop)
+    assert stop.checks == 5  # it stopped at the fifth step, not after all of them
+
+    kwargs = dict(max_new_tokens=24, k=4, temperature=0.9, batch_size=6, seed=3)
+    assert generate(model, tokenizer, PROMPTS, deadline=time.monotonic() - 1, **kwargs) == [[]] * len(PROMPTS)
+    late = generate(model, tokenizer, PROMPTS, deadline=time.monotonic() + 3600, **kwargs)
+    assert late == generate(model, tokenizer, PROMPTS, **kwargs)  # a deadline not reached changes nothing
