@@ -47,6 +47,7 @@ def main() -> int:
     rows = []
     for path in args.results:
         for result in json.loads(path.read_text())["results"]:
+            controlled = False  # the controls once per run, on its first round's questions
             for r in result["rounds"]:
                 answers = r.get("answers") or []
                 if not answers:
@@ -56,7 +57,8 @@ def main() -> int:
                 finished = [a["finished"] for a in answers]
                 label = f"{path.stem} {result['preference']} {result['edit_rate']:g} r{r['round']}"
                 row = {"answers": label, "n": len(texts), "own": shares(model, tokenizer, questions, texts, finished)}
-                if not any(r["answers"].startswith(label.rsplit(" ", 1)[0]) for r in rows):  # controls: round 0's
+                if not controlled:
+                    controlled = True
                     moved = texts[7 % len(texts):] + texts[:7 % len(texts)]
                     row["shuffled"] = shares(model, tokenizer, questions, moved, [True] * len(texts))
                     row["generic"] = shares(model, tokenizer, questions, [GENERIC] * len(texts), [True] * len(texts))
