@@ -48,7 +48,7 @@ def mentions(prompt: str, text: str) -> bool:
 
 
 RELEVANCE_OTHERS = 4  # other questions an answer is compared under
-RELEVANCE_MARGIN = 3.0  # nats its own question must explain it better by ("Tokyo." to the capital of Japan: 4.7)
+RELEVANCE_MARGIN = 3.0  # nats its own question must explain it better by ("Tokyo." passes: test_checks.py)
 
 
 def with_relevance(model, tokenizer, questions: list[str], answers: list[str], checked: list[dict[str, bool]]
