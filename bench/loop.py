@@ -309,8 +309,9 @@ def plot(results: list[dict], path: Path) -> bool:
         rounds = result["rounds"]
         x = [r["round"] for r in rounds]
         y = [r["approval"] for r in rounds]
-        low = [r["approval"] - (r["approval_low"] or r["approval"]) for r in rounds]
-        high = [(r["approval_high"] or r["approval"]) - r["approval"] for r in rounds]
+        # clamped: JSON written before wilson_interval was exact at 0 holds a low bound of 7e-18 above 0
+        low = [max(0.0, r["approval"] - (r["approval_low"] or r["approval"])) for r in rounds]
+        high = [max(0.0, (r["approval_high"] or r["approval"]) - r["approval"]) for r in rounds]
         label = f"{result['preference']}, " + (f"edit rate {result['edit_rate']:g}" if result["edit_rate"]
                                                else "thumbs only")
         ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=label)

@@ -24,7 +24,10 @@ def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float,
     denominator = 1 + z * z / trials
     center = (p + z * z / (2 * trials)) / denominator
     half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
-    return max(0.0, center - half), min(1.0, center + half)
+    # at 0 (or all) successes the bound is exactly 0 (1); the float arithmetic leaves 7e-18 at 0 of 48
+    low = 0.0 if successes == 0 else max(0.0, center - half)
+    high = 1.0 if successes == trials else min(1.0, center + half)
+    return low, high
 
 
 _COUNTS = ("replies", "thumbs_up", "thumbs_down", "ratings", "rating_sum", "edits", "comparisons",
