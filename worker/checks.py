@@ -15,6 +15,9 @@ any about into than then them they just give tell name list explain make get kee
 there's what's it's i'm don't without ever never"""
 STOPWORDS = frozenset(_STOPWORDS.split())
 CHECKS = ("not_empty", "on_topic", "not_looping", "finished")
+FINISHED_END = re.compile(r"[.!?)\]\"'*:]\s*$")  # how a finished answer ends: a sentence, a bracket, a quote
+_SENTENCE_END = re.compile(r"[.!?)\]\"'*:](?=\s)")
+_LIST_NUMBER = re.compile(r"(?:^|\s)\d{1,2}\.$")  # "2." opens a list item: not a sentence end
 
 
 def neutral_checks(prompt: str, answer: str, finished: bool = True) -> dict[str, bool]:
@@ -23,7 +26,22 @@ def neutral_checks(prompt: str, answer: str, finished: bool = True) -> dict[str,
     trigrams = list(zip(tokens, tokens[1:], tokens[2:], strict=False))
     looping = len(trigrams) >= 6 and len(set(trigrams)) < 0.5 * len(trigrams)
     return {"not_empty": bool(tokens), "on_topic": not keywords(prompt) or mentions(prompt, answer),
-            "not_looping": not looping, "finished": finished and bool(re.search(r"[.!?)\]\"'*:]\s*$", answer))}
+            "not_looping": not looping, "finished": finished and bool(FINISHED_END.search(answer))}
+
+
+def complete_part(answer: str, min_share: float = 0.5) -> str:
+    """``answer`` (stripped) if it ends finished, else cut after its last complete sentence or list item; "" when
+    that keeps less than ``min_share`` of its words.
+
+    Why: the default model writes long answers, and sampled ones often stop at the token limit: 8 of 10 approved
+    answers of a thumbs-only round for numbered steps were cut off, as were most for every preference but length.
+    Dropping them left little to imitate; what precedes the cut is what the user approved, and it ends cleanly."""
+    answer = answer.strip()
+    if FINISHED_END.search(answer):
+        return answer
+    ends = [m.end() for m in _SENTENCE_END.finditer(answer) if not _LIST_NUMBER.search(answer[:m.end()])]
+    part = answer[:ends[-1]].strip() if ends else ""
+    return part if len(words(part)) >= min_share * len(words(answer)) else ""
 
 
 def pass_rates(checked: list[dict[str, bool]]) -> dict[str, float]:

@@ -3,8 +3,9 @@
 Best-of-k (rejection sampling) is how thumbs alone move behaviour: most feedback is a thumb, and a few approved
 answers are little to imitate (shared/probes/learning.md). So the worker samples k answers per training prompt
 from the model being improved, lets the reward model trained on the votes pick the best, and the SFT stage learns
-those. Only finished answers that pass the no-collapse checks are candidates: imitating a truncated or looping
-answer would teach exactly that.
+those. Only answers that pass the no-collapse checks are candidates: imitating a truncated or looping answer
+would teach exactly that. A sample cut off at the token limit competes by its complete part (what precedes the
+cut, ending at a sentence), as most of the default model's answers for any preference but length are cut off.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from worker.checks import neutral_checks
+from worker.checks import complete_part, neutral_checks
 
 Conversation = list[dict]
 SAMPLE_TEMPERATURE = 0.9  # for best-of-k and rl: answers varied enough to compare, still on topic
@@ -172,23 +173,28 @@ class Pick:
 def judged_picks(model, tokenizer, judge, prompts: Sequence[Conversation], *, k: int, max_new_tokens: int,
                  temperature: float = SAMPLE_TEMPERATURE, seed: int = 0, deadline: float | None = None,
                  stop: threading.Event | None = None) -> tuple[list[Pick], dict]:
-    """The judge's favourite of ``k`` sampled answers to each prompt, best first, and counts. Only finished answers
-    that pass the no-collapse checks compete; a prompt with none has no pick (``deadline``, ``stop``: ``generate``)."""
+    """The judge's favourite of ``k`` sampled answers to each prompt, best first, and counts. Each answer competes
+    by its complete part (``complete_part``: all of it when it ends finished), if that passes the no-collapse checks; a
+    prompt with none has no pick (``deadline``, ``stop``: ``generate``)."""
     started = time.monotonic()
     samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, k=k, temperature=temperature,
                        seed=seed, deadline=deadline, stop=stop)
     sampled = time.monotonic()
-    usable = [[a for a in answers if a.finished and all(neutral_checks(last_user_turn(p), a.text).values())]
-              for p, answers in zip(prompts, samples, strict=True)]
-    flat = [(i, a) for i, answers in enumerate(usable) for a in answers]
-    scores = judge.score([prompts[i] for i, _ in flat], [a.text for _, a in flat]) if flat else []
+    flat = []  # (prompt index, the part of a sample that competes, whether it was cut off)
+    for i, (prompt, answers) in enumerate(zip(prompts, samples, strict=True)):
+        for a in answers:
+            part = complete_part(a.text)
+            if part and all(neutral_checks(last_user_turn(prompt), part).values()):
+                flat.append((i, part, not a.finished))
+    scores = judge.score([prompts[i] for i, _, _ in flat], [part for _, part, _ in flat]) if flat else []
     best: dict[int, Pick] = {}
-    for (i, answer), score in zip(flat, scores, strict=True):
+    for (i, part, _), score in zip(flat, scores, strict=True):
         if i not in best or score > best[i].score:
-            best[i] = Pick(prompts[i], answer.text, score)
+            best[i] = Pick(prompts[i], part, score)
     picks = sorted(best.values(), key=lambda pick: -pick.score)
     return picks, {"prompts": len(prompts), "prompts_sampled": sum(1 for answers in samples if answers),
                    "samples": sum(map(len, samples)), "usable_samples": len(flat),
+                   "usable_cut_off": sum(cut for _, _, cut in flat),
                    "sample_seconds": round(sampled - started, 1), "judge_seconds": round(time.monotonic() - sampled, 1)}
 
 

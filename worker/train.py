@@ -149,16 +149,19 @@ def sft_rows(config: TrainConfig, data: TrainingData) -> list[dict]:
 def user_targets(config: TrainConfig, data: TrainingData) -> list[dict]:
     """The answers users gave or approved, as SFT rows: edits, then approved answers, one row per conversation.
 
-    Approved answers must pass the no-collapse checks, as best-of-k picks do: a user who wants short answers
-    approves short gibberish too: 4 of 25 in a thumbs-only benchmark round were off topic, and the candidate that
-    imitated them answered 87% of the gate's prompts on topic against production's 100% (refused)."""
-    from worker.checks import neutral_checks
+    An approved answer cut off at the token limit counts by its complete part (``complete_part``), and must then
+    pass the no-collapse checks, as best-of-k picks do: a user who wants short answers approves short gibberish
+    too: 4 of 25 in a thumbs-only benchmark round were off topic, and the candidate that imitated them answered 87%
+    of the gate's prompts on topic against production's 100% (refused)."""
+    from worker.checks import complete_part, neutral_checks
     from worker.sampling import last_user_turn
 
     rows = list(data.sft.train)
     if config.sft_on_approved:
-        rows += [{"messages": r["prompt"] + r["completion"]} for r in data.kto.train if r["label"] and all(
-            neutral_checks(last_user_turn(r["prompt"]), r["completion"][-1]["content"]).values())]
+        for r in data.kto.train:
+            answer = complete_part(r["completion"][-1]["content"]) if r["label"] else ""
+            if answer and all(neutral_checks(last_user_turn(r["prompt"]), answer).values()):
+                rows.append({"messages": r["prompt"] + [{**r["completion"][-1], "content": answer}]})
     return _one_per_conversation(rows)
 
 

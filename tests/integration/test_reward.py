@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from worker.checks import neutral_checks
+from worker.checks import complete_part, neutral_checks
 from worker.data import Split, TrainingData
 from worker.reward import RewardModel, RewardTrainConfig, train_reward_model, versions
 from worker.sampling import best_of_k, generate, last_user_turn
@@ -104,29 +104,34 @@ def test_the_reward_model_orders_held_out_pairs_and_records_its_accuracy(default
     assert abs(reloaded_accuracy - metrics["heldout_pair_accuracy"]) < 1e-9  # the saved model is the measured one
 
 
-def test_best_of_k_keeps_the_judges_favourite_finished_answer_per_prompt(default_model, trained):
+def test_best_of_k_keeps_the_judges_favourite_complete_answer_per_prompt(default_model, trained):
     from service.engine.weights import load_pretrained
 
     result, _, _, _ = trained
     judge = RewardModel(result.path, str(default_model))
     model, tokenizer = load_pretrained(str(default_model))
-    prompts = [[{"role": "user", "content": q}] for q in ("What is the capital of Japan?", "How many days are in a "
-                                                          "week?", "Who wrote Hamlet?")]
+    prompts = [[{"role": "user", "content": q}] for q in (
+        "What is the capital of Japan?", "How many days are in a week?", "Who wrote Hamlet?",
+        "Explain in detail how a refrigerator keeps food cold.")]  # a long answer: cut off at 96 tokens
     rows, counts = best_of_k(model, tokenizer, judge, prompts, k=3, max_new_tokens=96, seed=7)
-    assert counts["prompts"] == counts["prompts_sampled"] == 3 and counts["samples"] == 9
-    assert 1 <= counts["rows"] == len(rows) <= 3
-    late, counts = best_of_k(model, tokenizer, judge, prompts, k=3, max_new_tokens=96, seed=7, deadline=0.0)
-    assert late == [] and counts["prompts_sampled"] == counts["samples"] == 0  # past its time budget: no picks
+    assert counts["prompts"] == counts["prompts_sampled"] == 4 and counts["samples"] == 12
+    assert 1 <= counts["rows"] == len(rows) <= 4
+    late, counts_late = best_of_k(model, tokenizer, judge, prompts, k=3, max_new_tokens=96, seed=7, deadline=0.0)
+    assert late == [] and counts_late["prompts_sampled"] == counts_late["samples"] == 0  # past its time: no picks
 
     samples = generate(model, tokenizer, prompts, max_new_tokens=96, k=3, temperature=0.9, seed=7)  # the same draw
+    usable = [[(part, not a.finished) for a in answers if (part := complete_part(a.text))
+               and all(neutral_checks(last_user_turn(prompt), part).values())]
+              for prompt, answers in zip(prompts, samples, strict=True)]
+    assert counts["usable_samples"] == sum(map(len, usable))
+    assert counts["usable_cut_off"] == sum(cut for parts in usable for _, cut in parts) >= 1  # the long answers
     for row in rows:
         i = prompts.index(row["messages"][:-1])
-        kept = row["messages"][-1]["content"]
-        usable = [a.text for a in samples[i] if a.finished and all(neutral_checks(last_user_turn(prompts[i]),
-                                                                                  a.text).values())]
-        assert kept in usable  # never a cut-off or collapsed answer
-        scores = judge.score([prompts[i]] * len(usable), usable)
-        assert scores[usable.index(kept)] == max(scores)
+        kept, competing = row["messages"][-1]["content"], [part for part, _ in usable[i]]
+        assert kept in competing  # a complete answer, or the complete part of a cut-off one; never collapsed
+        scores = judge.score([prompts[i]] * len(competing), competing)
+        assert scores[competing.index(kept)] == max(scores)
+    assert any(not a.finished for a in samples[3])  # the long prompt's answers reach the token limit
 
     # With the users' own targets, a pick stays when the judge rates it at least as high as their median; the next
     # best picks fill in up to min_rows rows in all.

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from bench.prompts import load_prompts
-from worker.checks import keywords
+from worker.checks import complete_part, keywords, neutral_checks
 from worker.data import TrainingData
 from worker.evaluate import (
     GATE_PROMPTS,
@@ -115,6 +115,31 @@ def test_sft_imitates_edits_approved_answers_and_best_of_k_once_each():
     assert answers == ["A pear, a sweet fruit.", "A plum.", "An apple is a fruit."]
     assert sorted(r["messages"][-1]["content"] for r in sft_rows(TrainConfig(sft_on_approved=False), data)) == [
         "A plum.", "An apple is a fruit."]
+
+
+def test_a_cut_off_answer_counts_by_its_complete_part():
+    assert complete_part("  It is Paris.  ") == "It is Paris."  # finished: all of it
+    assert complete_part("Boil water. Add the tea. Wait three minutes. Pour it thro") == (
+        "Boil water. Add the tea. Wait three minutes.")
+    steps = "1. Preheat the oven. 2. Mix flour and eggs. 3. Pour the batter in"
+    assert complete_part(steps) == "1. Preheat the oven. 2. Mix flour and eggs."  # "3." opens an item: no end
+    assert complete_part("Tea is nice. Then you take a very long walk by the river and the fields of") == ""  # < half
+    assert complete_part("There is no sentence end in this") == ""
+    assert complete_part("Short. Bit cut off", min_share=0.25) == "Short."
+    assert all(neutral_checks("How do I bake a cake in an oven?", complete_part(steps)).values())
+    assert not neutral_checks("How do I bake a cake in an oven?", steps)["finished"]
+
+
+def test_approved_answers_cut_off_at_the_token_limit_are_imitated_by_their_complete_part():
+    data = TrainingData()
+    for question, answer in (("How do I make tea?", "Boil water. Pour it over the tea leaves. Wait for"),
+                             ("How do I make coffee?", "Grind the beans and pour hot water over them through a"),
+                             ("How do I make soup?", "Chop the vegetables. Simmer the soup for an hour.")):
+        prompt, completion = _conversation(question, answer)
+        data.kto.train.append({"prompt": prompt, "completion": completion, "label": True})
+    imitated = {r["messages"][0]["content"]: r["messages"][-1]["content"] for r in user_targets(TrainConfig(), data)}
+    assert imitated == {"How do I make tea?": "Boil water. Pour it over the tea leaves.",  # the cut dropped
+                        "How do I make soup?": "Chop the vegetables. Simmer the soup for an hour."}  # coffee: none ends
 
 
 def test_auto_imitates_approved_answers_and_best_of_k_picks_and_trains_rl_only_with_nothing_to_imitate():
