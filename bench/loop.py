@@ -218,7 +218,8 @@ async def train_and_roll_out(api: Api, args: argparse.Namespace) -> dict:
            "gate": {k: metrics.get(k) for k in ("candidate_accuracy", "production_accuracy", "candidate_only_right",
                                                 "production_only_right", "kl_from_base", "changed_share",
                                                 "judge_win_rate", "judge_margin", "neutral_candidate",
-                                                "neutral_production", "gate_reasons", "reward_model", "best_of_k")}}
+                                                "neutral_production", "gate_reasons", "reward_model", "best_of_k",
+                                                "train_seconds", "gate_seconds")}}
     if adapter and adapter["status"] in ("candidate", "canary") and not args.no_promote:
         await api.promote(version)
         await api.wait_serving(version)

@@ -155,12 +155,16 @@ def main() -> int:
     data, judge_version, production = asyncio.run(load())
     judge = RewardModel(args.reward_dir / str(judge_version), args.base_model) if judge_version else \
         RewardModel.latest(args.reward_dir, args.base_model)
-    if judge is None:
-        raise SystemExit(f"no reward model under {args.reward_dir}: run bench/loop.py first")
+    variants = [parse_variant(f"baseline:{args.baseline}"), *map(parse_variant, args.variant)]
+    needs_judge = [name for name, sets in variants if sets.get("algorithm", "rl") == "rl"
+                   or sets.get("best_of_k", 0) > 1]
+    if judge is None and needs_judge:
+        raise SystemExit(f"{', '.join(needs_judge)} need a reward model and there is none under {args.reward_dir} "
+                         "(the round had too few pairs, or bench/loop.py has not run)")
     heldout = [p.text for p in split(load_prompts())["heldout"]][: args.heldout]
     print(f"production when the run started: {production or 'the base'}", file=sys.stderr)
     runs = [replay(name, sets, data, judge, args, heldout, production)
-            for name, sets in [parse_variant(f"baseline:{args.baseline}"), *map(parse_variant, args.variant)]]
+            for name, sets in variants]
     base = runs[0]
     rows = [[r["name"], r["targets"], r["best_of_k"].get("bar"), r["best_of_k"].get("above_bar"), r["rows"],
              r["steps"], r["train_s"], r["train_s"] / base["train_s"], r["approval"], r["approval"] - base["approval"],
@@ -171,7 +175,8 @@ def main() -> int:
                         "vs base", "target words", "pick words", "words", "on topic", "not looping", "finished"], rows))
     out = args.out or RESULTS_DIR / f"rl-replay-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"judge_version": judge.version, "judge_heldout_accuracy": judge.heldout_accuracy,
+    out.write_text(json.dumps({"judge_version": judge and judge.version,
+                               "judge_heldout_accuracy": judge and judge.heldout_accuracy,
                                "counts": data.counts(), "heldout_prompts": len(heldout), "runs": runs}, indent=1))
     print(f"wrote {out}", file=sys.stderr)
     return 0
