@@ -2,7 +2,8 @@
 
 ``bench/loop.py`` keeps its database (``flywheel_loop_bench``) and data folder (``bench/results/loop-data``) after a
 run. This script rebuilds the worker's training data from that database exactly as a run does, takes the newest
-reward model the run trained (with ``--run N``: the votes training run N saw and the judge it trained), and for the
+reward model the run trained (with ``--run N``: the votes training run N saw and the judge it trained; SFT
+variants need none, so a round with too few pairs for one replays too), and for the
 baseline (``rl``'s defaults, or ``--baseline``) and each ``--variant`` trains with ``worker.train.train_adapter``
 from the base; then the adapter answers the benchmark's held-out prompts greedily, judged by the hidden preference
 (approval), with mean words and the no-collapse checks. Ratios are against the baseline of the same run. With
