@@ -23,6 +23,13 @@ def _tags(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _sampling(temperature: float | None, seed: float | None, regenerate: bool = False) -> dict:
+    """The request's sampling fields from the Sampling panel. A seed makes a reply repeatable, so Regenerate, which
+    asks for another answer, leaves it out."""
+    fields = {} if temperature is None else {"temperature": float(temperature)}
+    return fields if seed is None or regenerate else {**fields, "seed": int(seed)}
+
+
 def _fw(event: dict) -> tuple[dict, str]:
     """(Flywheel's ids for the reply, the text this event adds)."""
     choices = event.get("choices") or [{}]
@@ -51,6 +58,10 @@ class ChatTab:
                     self.message = gr.Textbox(placeholder="Write a message", show_label=False, elem_id="message",
                                               scale=5, lines=2)
                     send = gr.Button("Send", elem_id="send", variant="primary", scale=1)
+                with gr.Accordion("Sampling", open=False, elem_id="sampling"), gr.Row():
+                    self.temperature = gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature (0: greedy)",
+                                                 elem_id="temperature")
+                    self.seed = gr.Number(label="Seed (empty: random)", precision=0, elem_id="seed")
                 self.notice = gr.Markdown(elem_id="chat-notice")
                 with gr.Group(visible=False, elem_id="feedback-panel") as self.panel:
                     self.target = gr.Markdown(elem_id="feedback-target", padding=True)
@@ -80,9 +91,9 @@ class ChatTab:
         self.outputs = [self.thread, self.chatbot, self.notice, self.panel, self.target, self.thumb_up,
                         self.thumb_down, self.rating, self.comment, self.tags, self.editor, self.edit_text,
                         self.comparison, self.answer_a, self.answer_b, self.message, self.conversations]
-        state = [self.session, self.thread]
-        send.click(self.send, [*state, self.message], self.outputs)
-        self.message.submit(self.send, [*state, self.message], self.outputs)
+        state, sampling = [self.session, self.thread], [self.temperature, self.seed]
+        send.click(self.send, [*state, self.message, *sampling], self.outputs)
+        self.message.submit(self.send, [*state, self.message, *sampling], self.outputs)
         new.click(lambda: self.view(Thread()), None, self.outputs)
         self.chatbot.clear(lambda: self.view(Thread()), None, self.outputs)  # its trash icon: a fresh chat
         delete.click(self.delete, state, self.outputs)
@@ -95,7 +106,7 @@ class ChatTab:
         edit.click(self.open_editor, state, self.outputs)
         cancel_edit.click(self.close_editor, state, self.outputs)
         save_edit.click(self.save_edit, [*state, self.edit_text], self.outputs)
-        regenerate.click(self.regenerate, state, self.outputs)
+        regenerate.click(self.regenerate, [*state, *sampling], self.outputs)
         prefer_a.click(self.prefer(0), state, self.outputs)
         prefer_b.click(self.prefer(1), state, self.outputs)
 
@@ -149,7 +160,8 @@ class ChatTab:
             return self.view(thread, _error(str(exc)))
         return {**self.view(Thread(), "Conversation deleted."), self.conversations: choices}
 
-    async def send(self, session: Session | None, thread: Thread, text: str):
+    async def send(self, session: Session | None, thread: Thread, text: str, temperature: float | None = None,
+                   seed: float | None = None):
         """Post the message and stream the reply into the chat; the box is cleared only once the reply is in."""
         if session is None or not text.strip():
             yield self.view(thread, _error(SIGN_IN_FIRST) if session is None else "Write a message first.")
@@ -159,7 +171,7 @@ class ChatTab:
         try:
             if new_conversation:
                 thread.conversation_id = str((await client.create_conversation(text.strip()[:60]))["id"])
-            async for event in client.send(thread.conversation_id, text, thread.head):
+            async for event in client.send(thread.conversation_id, text, thread.head, _sampling(temperature, seed)):
                 meta, delta = _fw(event)
                 reply += delta
                 yield self.view(thread, "", [user, {"role": "assistant", "content": reply + " ▌"}])
@@ -253,14 +265,15 @@ class ChatTab:
         thread.editing = bool(error)  # a refused edit stays open, so the correction is not lost
         return self.view(thread, _error(error) if error else "Correction saved: the model will learn from it.")
 
-    async def regenerate(self, session: Session | None, thread: Thread):
+    async def regenerate(self, session: Session | None, thread: Thread, temperature: float | None = None,
+                         seed: float | None = None):
         """Stream a second answer to the same message beside the selected one, to pick the better."""
         if session is None or thread.selected is None:
             yield self.view(thread, _error(SIGN_IN_FIRST if session is None else "Select a reply first."))
             return
         old, text, meta = thread.messages[thread.selected], "", None
         try:
-            async for event in self.client(session).regenerate(old["id"]):
+            async for event in self.client(session).regenerate(old["id"], _sampling(temperature, seed, True)):
                 meta, delta = _fw(event)
                 text += delta
                 yield {**self.view(thread), self.comparison: gr.update(visible=True),

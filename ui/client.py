@@ -125,12 +125,14 @@ class FlywheelClient:
     async def delete_conversation(self, conversation_id: str) -> None:
         await self.request("DELETE", f"/api/conversations/{conversation_id}")
 
-    def send(self, conversation_id: str, content: str, parent_id: str | None) -> AsyncIterator[dict]:
-        body = {"content": content, **({"parent_id": parent_id} if parent_id else {})}
+    def send(self, conversation_id: str, content: str, parent_id: str | None,
+             sampling: dict | None = None) -> AsyncIterator[dict]:
+        """``sampling``: the API's sampling fields (temperature, seed, ...); unset ones take its defaults."""
+        body = {"content": content, **({"parent_id": parent_id} if parent_id else {}), **(sampling or {})}
         return self.stream(f"/api/conversations/{conversation_id}/messages", body)
 
-    def regenerate(self, message_id: str) -> AsyncIterator[dict]:
-        return self.stream(f"/api/messages/{message_id}/regenerate", {})
+    def regenerate(self, message_id: str, sampling: dict | None = None) -> AsyncIterator[dict]:
+        return self.stream(f"/api/messages/{message_id}/regenerate", sampling or {})
 
     async def feedback(self, message_id: str) -> list[dict]:
         return (await self.json("GET", f"/api/messages/{message_id}/feedback"))["data"]

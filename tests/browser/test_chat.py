@@ -3,6 +3,7 @@ explained; each piece of feedback must land in Postgres as the API stores it."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -11,6 +12,7 @@ from playwright.sync_api import expect
 from tests.browser.conftest import query, sign_in
 
 pytestmark = pytest.mark.slow
+SEED = 7
 REPLY = 90_000  # ms: a reply on a busy 2-core CPU, with the model's first call warming up
 
 # Records every text the newest bot message shows, to prove the reply arrived piece by piece.
@@ -41,15 +43,20 @@ def test_a_user_chats_and_gives_feedback(service, page, artifacts):
     expect(page.locator("#api-key input")).to_have_value("")  # the key lives in the session, not on screen
 
     page.evaluate(WATCH_STREAM)
+    page.locator("#sampling").get_by_text("Sampling").click()  # a seed: the same reply on every run of this test
+    page.locator("#seed input").fill(str(SEED))
     page.locator("#message textarea").fill("Name a color.")
     page.locator("#send").click()
     expect(page.locator("#feedback-target")).to_contain_text("Selected reply (base model)", timeout=REPLY)
     expect(page.locator("#message textarea")).to_have_value("")
 
-    replies = query(service.database_url, "SELECT m.id, m.parent_id, m.content, m.adapter_version FROM messages m "
+    replies = query(service.database_url, "SELECT m.id, m.parent_id, m.content, m.adapter_version, m.sampling "
+                                          "FROM messages m "
                                           "JOIN conversations c ON c.id = m.conversation_id JOIN api_keys k ON "
                                           "k.id = c.owner WHERE k.name = 'alice' AND m.role = 'assistant'")
     assert len(replies) == 1 and replies[0]["adapter_version"] is None
+    sampling = json.loads(replies[0]["sampling"])
+    assert (sampling["seed"], sampling["temperature"]) == (SEED, 1.0)
     reply = replies[0]
     shown = page.locator("#chatbot [data-testid='bot']").last.inner_text()
     first_words = _words(reply["content"])[:4]  # markdown may restyle the rest; the words stay
@@ -95,8 +102,9 @@ def test_a_user_chats_and_gives_feedback(service, page, artifacts):
     page.locator("#prefer-b").click()
     expect(page.locator("#chat-notice")).to_contain_text("answer B is better")
     expect(page.locator("#chatbot")).to_contain_text("answer 2 of 2")  # the chosen answer carries on the chat
-    [regenerated] = query(service.database_url, "SELECT id FROM messages WHERE parent_id = $1 AND id <> $2",
-                          reply["parent_id"], reply["id"])
+    [regenerated] = query(service.database_url, "SELECT id, sampling FROM messages WHERE parent_id = $1 AND "
+                                                "id <> $2", reply["parent_id"], reply["id"])
+    assert json.loads(regenerated["sampling"])["seed"] is None  # another answer, not the seeded one again
     [comparison] = _feedback(service, "comparison")
     assert (comparison["message_id"], comparison["preferred_message_id"]) == (reply["parent_id"], regenerated["id"])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from safetensors.torch import load_file
@@ -81,6 +82,14 @@ def test_each_algorithm_changes_the_adapter_the_way_it_optimises(algorithm, defa
             margins = [scorer.margin("candidate", r["prompt"], r["chosen"][0]["content"])
                        - scorer.margin("candidate", r["prompt"], r["rejected"][0]["content"]) for r in data.dpo.train]
             assert sum(margins) / len(margins) > 0
+
+
+def test_training_past_its_deadline_stops_after_one_step_and_saves_the_adapter(default_model, tmp_path):
+    result = train_adapter(TrainConfig(algorithm="sft", **TINY), concise_preference(), str(default_model), tmp_path,
+                           deadline=time.monotonic())
+    [stage] = result.stages
+    assert (stage["steps"], stage["planned_steps"], stage["stopped_at_deadline"]) == (1, 4, True)
+    assert (tmp_path / "adapter_model.safetensors").exists()
 
 
 HELDOUT = (["What is the capital of Spain?", "Name a vegetable.", "How many legs has a cat?"],
