@@ -154,7 +154,6 @@ class Worker:
     # --- a run ----------------------------------------------------------------------------------------------------
     async def execute(self, run) -> None:
         self.stop_training.clear()
-        started = time.monotonic()
         keeper = asyncio.create_task(self.keep_lock())
         version = None
         try:
@@ -187,7 +186,7 @@ class Worker:
                     self._best_of_k, judge, data, production["path"] if production else None, config)
             result = await asyncio.to_thread(train_adapter, config, data, self.settings.base_model, out_dir,
                                              report, self.stop_training, parent["path"] if parent else None,
-                                             optimisable, started + t.train_seconds)
+                                             optimisable, time.monotonic() + t.train_seconds)
             _write_lineage(out_dir, version=version, parent_version=row["parent_version"], run_id=run["id"],
                            data_until=data.data_until, config=config.as_dict(), counts=data.counts())
             # The bar to clear is what serves now: production, or the base when there is none.
