@@ -42,9 +42,9 @@ from worker.sampling import (
     generate,
     judged_picks,
     load_sampler,
-    newest_training_prompts,
     pick_bar,
     pick_rows,
+    prompts_to_sample,
     targets_bar,
 )
 from worker.train import TrainConfig, train_adapter, user_targets
@@ -82,7 +82,7 @@ def replay(name: str, overrides: dict, data, judge, args, heldout: list[str], pr
     model, tokenizer = load_sampler(args.base_model, production)  # the worker samples best-of-k from what serves
     data.best_of_k, selected = [], {}  # not an earlier variant's picks
     targets = user_targets(TrainConfig(**config), data)
-    prompts = newest_training_prompts(data, best_of_prompts, targeted=targets)
+    prompts = prompts_to_sample(data, best_of_prompts, targets, min_rows)
     if k > 1 and prompts:
         key = (k, config.get("seed", 0), json.dumps(prompts))
         if key not in PICKS:  # sampling is most of a variant's time, and the same for every bar

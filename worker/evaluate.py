@@ -9,7 +9,8 @@ Preference accuracy alone does not prove behaviour changed: DPO reached accuracy
 answers barely moved (shared/probes/learning.md). So the gate also looks at behaviour: candidate and production
 answer prompts greedily, as users would be served: the held-out prompts users asked, plus a fixed set of everyday
 prompts (``gate_prompts``). A 64-vote round holds out only 8-12 prompts, too few to see a drift off topic that the
-benchmark saw on 48 (bench/loop.py); the fixed set makes every check count at least 32 answers. Then
+benchmark saw on 48 (bench/loop.py); the fixed set makes every check count at least 40 answers (8 ask for lists or
+steps, where a looping list shows: a bullets adapter looped on 19 points more of the benchmark's answers). Then
 - the candidate must answer differently on at least ``min_changed`` of them (an adapter that changes nothing is
   not worth a rollout);
 - no no-collapse check (worker/checks.py: not empty, on topic, not looping, finished) may pass on more than
@@ -215,7 +216,7 @@ def behaviour_reasons(metrics: dict, gate: GateConfig, served: str) -> list[str]
         reasons.append(f"changes no behaviour: its greedy answers to {n} prompts differ from {served}'s on "
                        f"{metrics['changed_share']:.0%} (at least {gate.min_changed:.0%} needed)")
     for check, rate in metrics["neutral_candidate"].items():
-        # Counted on the gate prompts too (32 by default), one odd answer is 3 points: a fall beyond the limit is
+        # Counted on the gate prompts too (40 by default), one odd answer is under 3 points: a fall beyond the limit is
         # a trend, the one bench/loop.py counts as a collapse.
         if metrics["neutral_production"][check] - rate > gate.max_neutral_drop + 1e-9:
             reasons.append(f"collapse check '{check}' passes on {rate:.0%} of its {n} answers against "

@@ -241,15 +241,15 @@ class Worker:
 
         Only prompts users left without a target (an edit or an approved answer says what they want better than the
         judge's guess), and only picks the judge scores as users would approve them (worker/sampling.py)."""
-        from worker.sampling import best_of_k, load_sampler, newest_training_prompts
+        from worker.sampling import best_of_k, load_sampler, prompts_to_sample
         from worker.train import user_targets
 
         t = self.settings.training
         started = time.monotonic()
         targets = user_targets(config, data)
-        prompts = newest_training_prompts(data, t.best_of_prompts, targeted=targets)
+        prompts = prompts_to_sample(data, t.best_of_prompts, targets)
         if not prompts:
-            return {"prompts": 0, "rows": 0, "seconds": 0.0}
+            return {"prompts": 0, "rows": 0, "seconds": 0.0, "user_targets": len(targets)}
         model, tokenizer = load_sampler(self.settings.base_model, production_path)
         data.best_of_k, counts = best_of_k(model, tokenizer, judge, prompts, k=t.best_of_k, targets=targets,
                                            thumbs=data.kto.train, max_new_tokens=GateConfig.max_new_tokens,

@@ -18,7 +18,7 @@ from worker.evaluate import (
     rule_failures,
 )
 from worker.reward import confidently_above
-from worker.sampling import Answer, Pick, newest_training_prompts, pick_rows, unique_prompts
+from worker.sampling import Answer, Pick, newest_training_prompts, pick_rows, prompts_to_sample, unique_prompts
 from worker.train import NoUsableData, TrainConfig, plan_stages, prompts_for_rl, sft_rows, user_targets
 
 ALL_PASS = {"not_empty": 1.0, "on_topic": 1.0, "not_looping": 1.0, "finished": 1.0}
@@ -188,7 +188,7 @@ def test_best_of_k_and_the_gate_take_the_newest_distinct_prompts():
         plan_stages(TrainConfig(algorithm="rl"), TrainingData())
 
 
-def test_best_of_k_samples_only_prompts_users_gave_no_answer_to_imitate():
+def test_best_of_k_samples_only_prompts_users_gave_no_answer_to_imitate_and_none_once_theirs_are_enough():
     data = TrainingData()
     for q in ("edited?", "approved?", "refused?"):
         prompt, answer = _conversation(q, f"An answer: {q}")
@@ -198,6 +198,8 @@ def test_best_of_k_samples_only_prompts_users_gave_no_answer_to_imitate():
     targeted = user_targets(TrainConfig(), data)  # the edit and the approved answer
     assert [p[0]["content"] for p in newest_training_prompts(data, 32, targeted)] == ["refused?"]
     assert len(newest_training_prompts(data, 32)) == 3  # rl samples every prompt
+    assert [p[0]["content"] for p in prompts_to_sample(data, 32, targeted, min_rows=3)] == ["refused?"]
+    assert prompts_to_sample(data, 32, targeted, min_rows=2) == []  # users' own answers are enough to imitate
 
 
 def test_best_of_k_keeps_picks_above_the_bar_and_fills_with_the_next_best_up_to_min_rows():
