@@ -122,8 +122,9 @@ class TrainingSettings(msgspec.Struct, frozen=True, kw_only=True):
     # A thumbs-only concise round (bench/loop.py, seed 1): k=16 took held-out approval 4% -> 21% -> 56% in 419 and
     # 548 s a round; k=8 4% -> 12% -> 15% in 287 and 406 s. A replay of one round: k=16 21%, k=8 15%, k=4 lower.
     best_of_k: Annotated[
-        int, _doc("Answers sampled per training prompt when the reward model is trusted; its favourite becomes an "
-                  "SFT target (rejection sampling). 0 or 1: off.", ge=0, le=16)
+        int, _doc("Answers sampled per training prompt when the reward model is trusted and users' edits and "
+                  "approved answers make fewer than 16 SFT rows; its favourite becomes an SFT target (rejection "
+                  "sampling). 0 or 1: off.", ge=0, le=16)
     ] = 16
     best_of_prompts: Annotated[int, _doc("Training prompts sampled for best-of-k per run.", ge=1)] = 32
     # Best-of-16 sampled 218-333 s a round in such runs, and the rest of a round took 220-280 s: 240 s keeps a round
