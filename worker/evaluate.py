@@ -10,7 +10,8 @@ answers barely moved (shared/probes/learning.md). So the gate also looks at beha
 answer prompts greedily, as users would be served: the held-out prompts users asked, plus a fixed set of everyday
 prompts (``gate_prompts``). A 64-vote round holds out only 8-12 prompts, too few to see a drift off topic that the
 benchmark saw on 48 (bench/loop.py); the fixed set makes every check count at least 40 answers (8 ask for lists or
-steps, where a looping list shows: a bullets adapter looped on 19 points more of the benchmark's answers). Then
+steps: a bullets adapter looping on 19 points more of the benchmark's answers passed the gate without them, and with
+them was refused, 7 of its 48 answers looping, 3 of them lists). Then
 - the candidate must answer differently on at least ``min_changed`` of them (an adapter that changes nothing is
   not worth a rollout);
 - no no-collapse check (worker/checks.py: not empty, on topic, not looping, finished) may pass on more than

@@ -240,7 +240,8 @@ class Worker:
         """Sample from what serves now, keep the judge's favourites as SFT rows (into ``data``).
 
         Only prompts users left without a target (an edit or an approved answer says what they want better than the
-        judge's guess), and only picks the judge scores as users would approve them (worker/sampling.py)."""
+        judge's guess), none once their targets are enough, and only picks the judge scores as users would approve
+        them (worker/sampling.py)."""
         from worker.sampling import best_of_k, load_sampler, prompts_to_sample
         from worker.train import user_targets
 
