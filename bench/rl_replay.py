@@ -77,6 +77,8 @@ def replay(name: str, overrides: dict, data, judge, args, heldout: list[str], pr
     config = {"algorithm": "rl", **steps, **overrides}
     k = config.pop("best_of_k", 0)  # the worker's FLYWHEEL_BEST_OF_K: the judge's picks of k samples become SFT rows
     bar_rule = config.pop("bar", "worker")  # the bar a pick must clear (worker/sampling.py): worker, targets, none
+    # Picks fill SFT up to min_rows, and none are sampled once users' targets reach it (the worker's rule): a variant
+    # that samples beside more targets raises it, e.g. min_rows=28 beside 27.
     min_rows = config.pop("min_rows", MIN_SFT_ROWS)
     best_of_prompts = config.pop("prompts", args.best_of_prompts)  # the worker's FLYWHEEL_BEST_OF_PROMPTS
     model, tokenizer = load_sampler(args.base_model, production)  # the worker samples best-of-k from what serves
